@@ -1,0 +1,27 @@
+"""lora_optim: LoRA on the optimizer side.
+
+``LoRAAdam(model.parameters(), rank=8)`` trains a low-rank update of every weight matrix from
+its full gradient, keeping Adam state only for the factors, without touching the model.
+"""
+
+from lora_optim.memory import optimizer_state_bytes
+from lora_optim.optimizer import LoRAAdam
+from lora_optim.precision import available_writers
+from lora_optim.projections import (
+    Projection,
+    available_projections,
+    get_projection,
+    register_projection,
+)
+
+__all__ = [
+    "LoRAAdam",
+    "Projection",
+    "register_projection",
+    "get_projection",
+    "available_projections",
+    "available_writers",
+    "optimizer_state_bytes",
+]
+
+__version__ = "0.1.0"
