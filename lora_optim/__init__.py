@@ -4,8 +4,12 @@
 its full gradient, keeping Adam state only for the factors, without touching the model.
 """
 
+from lora_optim.activation import ActivationSide
+from lora_optim.drift import DriftReport
 from lora_optim.memory import optimizer_state_bytes
+from lora_optim.nonfinite import NonFiniteGradientError, NonFiniteGradientWarning
 from lora_optim.optimizer import LoRAAdam
+from lora_optim.per_layer import PerLayerStep
 from lora_optim.precision import available_writers
 from lora_optim.projections import (
     Projection,
@@ -16,12 +20,17 @@ from lora_optim.projections import (
 
 __all__ = [
     "LoRAAdam",
+    "PerLayerStep",
+    "ActivationSide",
     "Projection",
     "register_projection",
     "get_projection",
     "available_projections",
     "available_writers",
     "optimizer_state_bytes",
+    "DriftReport",
+    "NonFiniteGradientWarning",
+    "NonFiniteGradientError",
 ]
 
 __version__ = "0.1.0"

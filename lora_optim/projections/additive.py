@@ -23,10 +23,20 @@ import einops
 import torch
 from torch import Tensor
 
+from lora_optim.kernels import native_kernels
+from lora_optim.kernels.blocks import add_in_row_blocks_, row_blocks
 from lora_optim.projections import register_projection
 from lora_optim.projections.base import FactorState, Projection
 
-__all__ = ["AdditiveProjection", "fold_columns", "fold_rows", "spread_columns_", "spread_rows_"]
+__all__ = [
+    "AdditiveProjection",
+    "fold_columns",
+    "fold_rows",
+    "spread_columns_",
+    "spread_rows_",
+    "additive_project",
+    "additive_add_delta_",
+]
 
 
 def fold_columns(matrix: Tensor, rank: int) -> Tensor:
@@ -65,11 +75,61 @@ def spread_rows_(target: Tensor, rows: Tensor, scale: float) -> None:
         target[blocks * rank :].add_(rows[:rest], alpha=scale)
 
 
+def additive_project(grad: Tensor, rank: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """``(fold_columns(G, r), fold_rows(G, r))`` in ``dtype``: the unscaled factor gradients.
+
+    ``grad`` may have a lower precision than ``dtype`` (a bf16 ``G``): it is converted one block
+    of rows at a time, never whole. On the CPU one pass over ``G`` forms both sums
+    (:mod:`lora_optim.kernels`). The paths agree to float rounding.
+    """
+    kernels = native_kernels()
+    if kernels is not None and kernels.supports(grad, dtype):
+        return kernels.fold_additive(grad, rank, dtype)
+    if grad.dtype == dtype:
+        return fold_columns(grad, rank), fold_rows(grad, rank)
+    grad_A = torch.empty(grad.shape[0], rank, dtype=dtype, device=grad.device)
+    grad_B = torch.zeros(rank, grad.shape[1], dtype=dtype, device=grad.device)
+    # Blocks start at multiples of r, so a block's row i mod r is the matrix's.
+    for start, stop in row_blocks(grad.shape[0], grad.shape[1], dtype, multiple=rank):
+        block = grad[start:stop].to(dtype)
+        grad_A[start:stop] = fold_columns(block, rank)
+        grad_B += fold_rows(block, rank)
+    return grad_A, grad_B
+
+
+def additive_add_delta_(target: Tensor, dA: Tensor, dB: Tensor, scale: float, *, row_start: int = 0) -> None:
+    """``target[i, j] += s·(dA[i, j mod r] + dB[i mod r, j])`` for the rows
+    ``row_start : row_start + len(target)`` of ``W`` that ``target`` holds.
+
+    ``target`` may have ``dA``'s dtype or a lower precision (a bf16 ``W``); then each element is
+    rounded to nearest once, with no weight-sized temporary. On the CPU one pass reads and
+    writes each element once (:mod:`lora_optim.kernels`); elsewhere two broadcast adds.
+    """
+    rank = dA.shape[1]
+    columns = dA[row_start : row_start + target.shape[0]]
+    # Row i of target is row row_start + i of W: it takes dB[(row_start + i) mod r].
+    rows = dB.roll(-(row_start % rank), dims=0) if row_start % rank else dB
+    kernels = native_kernels()
+    if kernels is not None and kernels.supports(target, dA.dtype):
+        kernels.spread_additive_(target, columns, rows, scale)
+        torch.autograd.graph.increment_version(target)  # as an in-place torch op would
+        return
+
+    def add_rows_(buffer: Tensor, start: int) -> None:
+        spread_columns_(buffer, columns[start : start + buffer.shape[0]], scale)
+        spread_rows_(buffer, rows, scale)
+
+    add_in_row_blocks_(target, dA.dtype, add_rows_, multiple=rank)
+
+
 @register_projection
 class AdditiveProjection(Projection):
     """Additive block decomposition ``ΔW_ij = A_{i, j mod r} + B_{i mod r, j}`` (see module docstring)."""
 
     name = "additive"
+    #: :meth:`project` takes a ``G`` of lower precision than the factors (the optimizer then
+    #: skips its weight-sized cast of a bf16 ``G``).
+    accepts_low_precision_grad = True
 
     def init_state(
         self, weight: Tensor, rank: int, seed: int, factor_dtype: torch.dtype, group
@@ -86,10 +146,25 @@ class AdditiveProjection(Projection):
         return state["A"], state["B"]
 
     def project(self, grad: Tensor, A: Tensor, B: Tensor, scale: float) -> tuple[Tensor, Tensor]:
-        """Block row and column sums of ``G``, times ``s``."""
+        """Block row and column sums of ``G``, times ``s``; ``grad`` may be of lower precision."""
+        grad_A, grad_B = additive_project(grad, A.shape[1], A.dtype)
+        if scale != 1.0:
+            grad_A.mul_(scale)
+            grad_B.mul_(scale)
+        return grad_A, grad_B
+
+    def project_activations(
+        self, inputs: Tensor, output_grads: Tensor, A: Tensor, B: Tensor, scale: float
+    ) -> tuple[Tensor, Tensor]:
+        """``(s·δYᵀ·fold(X), s·fold(δY)ᵀ·X)`` without forming ``G = δYᵀX``.
+
+        ``fold`` sums the feature columns with equal index mod ``r`` (:func:`fold_columns`):
+        ``Σ_{j≡k} G_ij = Σ_n δY_ni·fold(X)_nk`` and ``Σ_{i≡k} G_ij = Σ_n fold(δY)_nk·X_nj``.
+        """
         rank = A.shape[1]
-        grad_A = fold_columns(grad, rank)
-        grad_B = fold_rows(grad, rank)
+        # (fold(X)ᵀ·δY)ᵀ: BLAS is faster with r rows than with r columns (see lowrank_project_activations).
+        grad_A = torch.mm(fold_columns(inputs, rank).t(), output_grads).t()
+        grad_B = torch.mm(fold_columns(output_grads, rank).t(), inputs)
         if scale != 1.0:
             grad_A.mul_(scale)
             grad_B.mul_(scale)
@@ -97,5 +172,21 @@ class AdditiveProjection(Projection):
 
     def add_delta_(self, target: Tensor, A: Tensor, B: Tensor, dA: Tensor, dB: Tensor, scale: float) -> None:
         """``target += s·(dA[:, j mod r] + dB[i mod r, :])`` (``ΔW`` is linear in the factors)."""
-        spread_columns_(target, dA, scale)
-        spread_rows_(target, dB, scale)
+        additive_add_delta_(target, dA, dB, scale)
+
+    def add_delta_rows_(
+        self, target: Tensor, row_start: int, A: Tensor, B: Tensor, dA: Tensor, dB: Tensor, scale: float
+    ) -> None:
+        """Rows ``row_start : row_start + len(target)`` of the change, into a target of the factor
+        dtype or of lower precision (rounded once per element); see :func:`additive_add_delta_`."""
+        additive_add_delta_(target, dA, dB, scale, row_start=row_start)
+
+    def probe_delta(self, A: Tensor, B: Tensor, dA: Tensor, dB: Tensor, scale: float, probes: Tensor) -> Tensor:
+        """``s·(δA·fold_rows(X) + spread_rows(δB·X))`` in fp64, where ``δA = (A + dA) − A`` is the
+        change of the stored factor: ``Σ_j δA[i, j mod r]·X[j] = (δA·fold_rows(X))[i]``."""
+        rank = A.shape[1]
+        step_A = (A + dA).to(probes.dtype) - A.to(probes.dtype)
+        step_B = (B + dB).to(probes.dtype) - B.to(probes.dtype)
+        change = step_A @ fold_rows(probes, rank)
+        spread_rows_(change, step_B @ probes, 1.0)
+        return change.mul_(scale)

@@ -74,9 +74,30 @@ class Projection(abc.ABC):
         :meth:`current_factors`."""
         return self.current_factors(state, group)
 
+    def step_factors(self, state: FactorState, group: Mapping[str, Any]) -> tuple[Tensor, Tensor]:
+        """The factors :meth:`begin_step` returned for the step in progress, read back from
+        ``state`` without side effects (and identical tensors for stored factors, since
+        :meth:`commit_` may update them in place). Used when the gradient of one step arrives
+        in several pieces (micro-batches, per-layer and activation-side modes): ``begin_step``
+        runs once, at the first piece. The default returns :meth:`current_factors`."""
+        return self.current_factors(state, group)
+
     @abc.abstractmethod
     def project(self, grad: Tensor, A: Tensor, B: Tensor, scale: float) -> tuple[Tensor, Tensor]:
         """Factor gradients ``(∂L/∂A, ∂L/∂B)`` from the full gradient ``grad`` (``out×in``)."""
+
+    def project_activations(
+        self, inputs: Tensor, output_grads: Tensor, A: Tensor, B: Tensor, scale: float
+    ) -> tuple[Tensor, Tensor]:
+        """Factor gradients from a linear layer's activations instead of ``G``.
+
+        For ``Y = X·Wᵀ`` over ``n`` rows (tokens), ``inputs`` is ``X`` (``n×in``) and
+        ``output_grads`` is ``δY = ∂L/∂Y`` (``n×out``), so ``G = δYᵀ·X``. Variants override this
+        to avoid forming ``G`` (the activation-side mode, :mod:`lora_optim.activation`); this
+        default forms ``G`` and calls :meth:`project`, which is correct for any variant that is
+        linear in ``G`` (every projection is: the factor gradients are ``∂L/∂A``, ``∂L/∂B``).
+        """
+        return self.project(torch.mm(output_grads.t(), inputs), A, B, scale)
 
     @abc.abstractmethod
     def add_delta_(self, target: Tensor, A: Tensor, B: Tensor, dA: Tensor, dB: Tensor, scale: float) -> None:
@@ -88,6 +109,20 @@ class Projection(abc.ABC):
         """Keep the stepped factors. The default adds the steps into the stored factors."""
         A.add_(dA)
         B.add_(dB)
+
+    def probe_delta(self, A: Tensor, B: Tensor, dA: Tensor, dB: Tensor, scale: float, probes: Tensor) -> Tensor:
+        """The exact change of ``W·X`` this step, in fp64, for the drift check (:mod:`lora_optim.drift`):
+        ``s·(Δ(A', B') − Δ(A, B))·X`` with ``A' = A + dA`` rounded as :meth:`commit_` stores it.
+
+        ``probes`` is ``X`` (``in×k``, fp64). This default is correct for any variant but forms a
+        full fp64 ``out×in`` buffer through :meth:`add_delta_`; variants override it with a
+        formula of cost ``O(r·(out+in)·k)``.
+        """
+        A64, B64 = A.to(probes.dtype), B.to(probes.dtype)
+        dA64, dB64 = (A + dA).to(probes.dtype) - A64, (B + dB).to(probes.dtype) - B64
+        change = torch.zeros(A.shape[0], B.shape[1], dtype=probes.dtype, device=probes.device)
+        self.add_delta_(change, A64, B64, dA64, dB64, scale)
+        return change @ probes
 
     def set_factors_(self, state: FactorState, A: Tensor, B: Tensor, group: Mapping[str, Any]) -> None:
         """Replace the stored factors by copies of ``A`` and ``B`` (shapes already checked)."""

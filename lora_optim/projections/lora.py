@@ -36,30 +36,91 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lora_optim.kernels import native_kernels
+from lora_optim.kernels.blocks import add_in_row_blocks_, row_blocks
 from lora_optim.projections import register_projection
 from lora_optim.projections.base import FactorState, Projection
 from lora_optim.seeding import derive_seed, kaiming_uniform_bound, uniform
 
-__all__ = ["LoRAProjection", "lowrank_project", "lowrank_add_delta_"]
+__all__ = ["LoRAProjection", "lowrank_project", "lowrank_project_activations", "lowrank_add_delta_"]
 
 LORA_INITS = ("peft", "symmetric")
 
 
 def lowrank_project(grad: Tensor, A: Tensor, B: Tensor, scale: float) -> tuple[Tensor, Tensor]:
-    """``(s·G·Bᵀ, s·Aᵀ·G)``: the gradients of ``L(W0 + s·A·B)`` with respect to ``A`` and ``B``."""
-    grad_A = torch.mm(grad, B.t())
-    grad_B = torch.mm(A.t(), grad)
+    """``(s·G·Bᵀ, s·Aᵀ·G)``: the gradients of ``L(W0 + s·A·B)`` with respect to ``A`` and ``B``.
+
+    ``grad`` may have a lower precision than the factors (a bf16 ``G`` with fp32 factors): the
+    sums are formed in the factors' dtype without a full-precision copy of ``G``. On the CPU
+    both products come from one pass over ``G`` (:mod:`lora_optim.kernels`); elsewhere from two
+    GEMMs. The paths agree to float rounding.
+    """
+    kernels = native_kernels()
+    if kernels is not None and kernels.supports(grad, A.dtype):
+        grad_A, grad_B = kernels.project_lowrank(grad, A, B)
+    elif grad.dtype == A.dtype:
+        grad_A, grad_B = torch.mm(grad, B.t()), torch.mm(A.t(), grad)
+    else:
+        grad_A, grad_B = _project_in_row_blocks(grad, A, B)
     if scale != 1.0:
         grad_A.mul_(scale)
         grad_B.mul_(scale)
     return grad_A, grad_B
 
 
-def lowrank_add_delta_(target: Tensor, A: Tensor, B: Tensor, dA: Tensor, dB: Tensor, scale: float) -> None:
-    """``target += s·((A+dA)(B+dB) − AB) = s·[A+dA, dA]·[dB; B]`` with one GEMM of inner size 2r."""
-    left = torch.cat((A + dA, dA), dim=1)
+def _project_in_row_blocks(grad: Tensor, A: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
+    # Low-precision G on the torch path: convert one cache-sized block of rows at a time.
+    grad_A = torch.empty(grad.shape[0], A.shape[1], dtype=A.dtype, device=A.device)
+    grad_B = torch.zeros(B.shape, dtype=B.dtype, device=B.device)
+    for start, stop in row_blocks(grad.shape[0], grad.shape[1], A.dtype):
+        block = grad[start:stop].to(A.dtype)
+        torch.mm(block, B.t(), out=grad_A[start:stop])
+        grad_B.addmm_(A[start:stop].t(), block)
+    return grad_A, grad_B
+
+
+def lowrank_project_activations(
+    inputs: Tensor, output_grads: Tensor, A: Tensor, B: Tensor, scale: float
+) -> tuple[Tensor, Tensor]:
+    """``(s·δYᵀ(X·Bᵀ), s·(δY·A)ᵀX)``: :func:`lowrank_project` of ``G = δYᵀX`` without forming ``G``.
+
+    ``inputs`` is ``X`` (``n×in``), ``output_grads`` is ``δY`` (``n×out``). Four GEMMs with an
+    inner or outer size ``r``: ``2·n·r·(in+out)`` multiply-adds instead of ``n·in·out`` for ``G``.
+    Every product is formed with ``r`` rows (``r×n``, ``r×out``, ``r×in``; ``∂L/∂A`` is returned
+    as the transpose of its ``r×out`` product): CPU BLAS runs those several times faster than the
+    same products with ``r`` columns.
+    """
+    grad_A = torch.mm(torch.mm(B, inputs.t()), output_grads).t()
+    grad_B = torch.mm(torch.mm(A.t(), output_grads.t()), inputs)
+    if scale != 1.0:
+        grad_A.mul_(scale)
+        grad_B.mul_(scale)
+    return grad_A, grad_B
+
+
+def lowrank_add_delta_(
+    target: Tensor, A: Tensor, B: Tensor, dA: Tensor, dB: Tensor, scale: float, *, row_start: int = 0
+) -> None:
+    """``target += s·((A+dA)(B+dB) − AB) = s·[A+dA, dA]·[dB; B]`` with one product of inner size 2r.
+
+    ``target`` holds rows ``row_start : row_start + len(target)`` of ``W`` (all of ``W`` by
+    default). It may have the factors' dtype or a lower precision (a bf16 ``W``); then each
+    element is rounded to nearest once, ``W ← round(W + s·ΔW)``, with no weight-sized
+    temporary. On the CPU one pass reads and writes each element of ``target`` once
+    (:mod:`lora_optim.kernels`); elsewhere one GEMM (per row block for a low-precision target).
+    """
+    rows = slice(row_start, row_start + target.shape[0])
+    left = torch.cat((A[rows] + dA[rows], dA[rows]), dim=1)
     right = torch.cat((dB, B), dim=0)
-    target.addmm_(left, right, alpha=scale)
+    kernels = native_kernels()
+    if kernels is not None and kernels.supports(target, left.dtype):
+        kernels.add_lowrank_(target, left, right, scale)
+        torch.autograd.graph.increment_version(target)  # as an in-place torch op would
+        return
+    add_in_row_blocks_(
+        target, left.dtype,
+        lambda buffer, start: buffer.addmm_(left[start : start + buffer.shape[0]], right, alpha=scale),
+    )
 
 
 @register_projection
@@ -71,6 +132,9 @@ class LoRAProjection(Projection):
 
     name = "lora"
     options: Mapping[str, Any] = {"init": "peft"}
+    #: :meth:`project` takes a ``G`` of lower precision than the factors (the optimizer then
+    #: skips its weight-sized cast of a bf16 ``G``).
+    accepts_low_precision_grad = True
 
     def validate_options(self, group: Mapping[str, Any]) -> None:
         """``init`` must be one of ``"peft"``, ``"symmetric"``."""
@@ -97,9 +161,29 @@ class LoRAProjection(Projection):
         return state["A"], state["B"]
 
     def project(self, grad: Tensor, A: Tensor, B: Tensor, scale: float) -> tuple[Tensor, Tensor]:
-        """``(s·G·Bᵀ, s·Aᵀ·G)``."""
+        """``(s·G·Bᵀ, s·Aᵀ·G)``; ``grad`` may be of lower precision than the factors."""
         return lowrank_project(grad, A, B, scale)
 
+    def project_activations(
+        self, inputs: Tensor, output_grads: Tensor, A: Tensor, B: Tensor, scale: float
+    ) -> tuple[Tensor, Tensor]:
+        """``(s·δYᵀ(X·Bᵀ), s·(δY·A)ᵀX)``, never forming ``G = δYᵀX``."""
+        return lowrank_project_activations(inputs, output_grads, A, B, scale)
+
     def add_delta_(self, target: Tensor, A: Tensor, B: Tensor, dA: Tensor, dB: Tensor, scale: float) -> None:
-        """``target += s·(A'B' − AB)``, one GEMM."""
+        """``target += s·(A'B' − AB)``, one product of inner size 2r."""
         lowrank_add_delta_(target, A, B, dA, dB, scale)
+
+    def add_delta_rows_(
+        self, target: Tensor, row_start: int, A: Tensor, B: Tensor, dA: Tensor, dB: Tensor, scale: float
+    ) -> None:
+        """Rows ``row_start : row_start + len(target)`` of the change, into a target of the factor
+        dtype or of lower precision (rounded once per element); see :func:`lowrank_add_delta_`."""
+        lowrank_add_delta_(target, A, B, dA, dB, scale, row_start=row_start)
+
+    def probe_delta(self, A: Tensor, B: Tensor, dA: Tensor, dB: Tensor, scale: float, probes: Tensor) -> Tensor:
+        """``s·(A'(B'X) − A(BX))`` in fp64 with the stored ``A' = A + dA``, ``B' = B + dB``: summed
+        over steps it telescopes to ``s·(A_t B_t − A_0 B_0)·X`` (over draws, for ``random``)."""
+        A_new, B_new = (A + dA).to(probes.dtype), (B + dB).to(probes.dtype)
+        A_old, B_old = A.to(probes.dtype), B.to(probes.dtype)
+        return (A_new @ (B_new @ probes)).sub_(A_old @ (B_old @ probes)).mul_(scale)

@@ -26,7 +26,7 @@ optimizer keeps for every low-rank parameter.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -51,6 +51,23 @@ def draw_factors(
     A = gaussian((out_features, rank), std, derive_seed(draw_seed, 0), dtype=dtype, device=device)
     B = gaussian((rank, in_features), std, derive_seed(draw_seed, 1), dtype=dtype, device=device)
     return A, B
+
+
+class _LazyDraw(Sequence):
+    """The pair ``(A, B)`` of one draw, generated on first access: the moment rules that ignore
+    the outgoing factors (``keep``, ``reset``) then cost no draw."""
+
+    def __init__(self, draw: Callable[[FactorState, int], tuple[Tensor, Tensor]], state: FactorState, index: int):
+        self._make = lambda: draw(state, index)  # shapes, rank and seed: fixed across a redraw
+        self._factors: tuple[Tensor, Tensor] | None = None
+
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, index):
+        if self._factors is None:
+            self._factors = self._make()
+        return self._factors[index]
 
 
 @register_projection
@@ -103,17 +120,31 @@ class RandomProjection(LoRAProjection):
         return self._current_draw(state)
 
     def begin_step(self, state: FactorState, group: Mapping[str, Any]) -> tuple[Tensor, Tensor]:
-        """Redraw if ``resample_every`` steps were taken on the current draw, applying the moment rule."""
-        if self._due(state, group):
-            old = self._current_draw(state)  # read by the moment rule before the copy below
-            new = self._draw(state, state["draws"])
-            state["draws"] += 1
-            state["age"] = 0
-            apply_moment_rule_(group["moment_rule"], state, old, new)
-            if "A" in state:
-                state["A"].copy_(new[0])
-                state["B"].copy_(new[1])
-        state["age"] += 1
+        """Redraw if ``resample_every`` steps were taken on the current draw, applying the moment rule.
+
+        One draw per redraw: the outgoing draw is regenerated only if the moment rule reads it,
+        and the new draw is returned as made (not regenerated again).
+        """
+        if not self._due(state, group):
+            state["age"] += 1
+            return self._current_draw(state)
+        if "A" in state:
+            old: Sequence[Tensor] = (state["A"], state["B"])  # read by the moment rule before the copy below
+        else:
+            old = _LazyDraw(self._draw, state, state["draws"] - 1)
+        new = self._draw(state, state["draws"])
+        state["draws"] += 1
+        state["age"] = 1
+        apply_moment_rule_(group["moment_rule"], state, old, new)
+        if "A" in state:
+            state["A"].copy_(new[0])
+            state["B"].copy_(new[1])
+            return state["A"], state["B"]
+        return new
+
+    def step_factors(self, state: FactorState, group: Mapping[str, Any]) -> tuple[Tensor, Tensor]:
+        """The draw :meth:`begin_step` chose for the step in progress (stored, or regenerated from
+        the seed), never the next one."""
         return self._current_draw(state)
 
     def commit_(self, state: FactorState, A: Tensor, B: Tensor, dA: Tensor, dB: Tensor) -> None:

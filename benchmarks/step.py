@@ -1,0 +1,302 @@
+"""The optimizer step of one weight matrix, against the roofline and against peers.
+
+For each shape ``out×in``, rank ``r`` and weight dtype (fp32, bf16), one process times
+``opt.step()`` on a single weight ``W`` with a fixed gradient ``G`` (``W``'s dtype), for:
+
+* ``lora_optim`` ``lora``, ``additive``, ``random`` (``resample_every=1``: its factors are
+  regenerated from the seed every step, included in the time), all with ``precision="nearest"``;
+  ``lora (torch path)``: the same step with the compiled kernels off (two skinny GEMMs, a
+  concat and one addmm: the straightforward step); for bf16 also ``lora (compensated)``, the
+  default write mode for bf16 weights (keeps a bf16 compensation buffer, more traffic);
+* ``torch.optim.AdamW`` foreach and fused (full-rank references);
+* GaLore (``galore-torch``, ``proj_type="std"``, ``update_proj_gap=200``; its SVD step is run
+  before timing and reported on its own), APOLLO (``apollo-torch``, ``proj="random"``,
+  ``proj_type="std"``), Flora (``flora-opt``, ``beta1=0.9``), each at the same ``r``;
+* PEFT LoRA: only its optimizer step, fused AdamW on the adapter factors (``out×r`` and
+  ``r×in``); the adapter's extra forward/backward work is not counted.
+
+The roofline is measured in the same run, interleaved with the steps: the copy bandwidth from
+a 128 MiB fp32 ``copy_`` (bytes read + written per second) and the GEMM rate from a 2048²
+fp32 ``mm``. The unavoidable work of a step is reading ``G`` once, reading and writing ``W``
+once, and ``8·out·in·r`` flops for ``lora``/``random`` (``G·Bᵀ``, ``Aᵀ·G`` and the rank-2r
+update of ``W``; ``5·out·in`` for ``additive``), so
+
+    t_roof = max((|G| + 2·|W|) bytes / copy bandwidth, flops / GEMM rate).
+
+Methods are interleaved (rotated order) over the repeats; tables show medians and ratios from
+this run only. Run ``python benchmarks/step.py`` (``--quick``: small shapes, fewer repeats);
+results go to ``benchmarks/results/step.md`` and ``step.png``.
+"""
+
+from __future__ import annotations
+
+import gc
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import (  # noqa: E402
+    fmt_ms,
+    fmt_ratio,
+    header,
+    interleaved_times,
+    machine_info,
+    markdown_table,
+    median,
+    parse_args,
+    quartiles,
+    save_results,
+)
+
+from lora_optim import LoRAAdam  # noqa: E402
+from lora_optim.kernels import native_kernels, use_native  # noqa: E402
+from lora_optim.nonfinite import finite_flags  # noqa: E402
+
+SHAPES = [(256, 256), (1024, 1024), (4096, 4096), (4096, 11008), (11008, 4096)]
+QUICK_SHAPES = [(256, 256), (1024, 1024)]
+RANKS = (8, 64)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+TARGET_SHAPES = {(4096, 4096), (4096, 11008)}
+TARGETS = {"lora": 1.5, "additive": 1.5, "random": 1.8}
+OURS = ("lora", "additive", "random")
+PEERS = ("AdamW foreach", "AdamW fused", "GaLore", "APOLLO", "Flora", "PEFT LoRA (AdamW step)")
+LR = 1e-5
+
+COPY_ELEMENTS = 32 << 20  # 128 MiB of fp32
+GEMM_SIZE = 2048
+
+
+def _flops(method: str, rows: int, cols: int, rank: int) -> float:
+    return 5.0 * rows * cols if method.startswith("additive") else 8.0 * rows * cols * rank
+
+
+def _lora_optim(param: torch.nn.Parameter, rank: int, projection: str, precision: str, native: bool):
+    opt = LoRAAdam([param], lr=LR, rank=rank, alpha=2 * rank, projection=projection, precision=precision)
+
+    def step() -> None:
+        with use_native(native):
+            opt.step()
+
+    return opt, step
+
+
+def _peers(param: torch.nn.Parameter, grad: torch.Tensor, rank: int, notes: list[str]) -> dict[str, Callable[[], None]]:
+    """Every peer's step on ``param`` (``param.grad`` set); a peer that fails is left out with a note."""
+    rows, cols = param.shape
+    makers: dict[str, Callable[[], torch.optim.Optimizer]] = {
+        "AdamW foreach": lambda: torch.optim.AdamW([param], lr=LR, foreach=True),
+        "AdamW fused": lambda: torch.optim.AdamW([param], lr=LR, fused=True),
+    }
+
+    def galore():
+        from galore_torch import GaLoreAdamW
+        return GaLoreAdamW([{"params": [param], "rank": rank, "update_proj_gap": 200, "scale": 0.25,
+                             "proj_type": "std"}], lr=LR)
+
+    def apollo():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            from apollo_torch import APOLLOAdamW
+        return APOLLOAdamW([{"params": [param], "rank": rank, "proj": "random", "proj_type": "std",
+                             "scale_type": "channel", "update_proj_gap": 200, "scale": 1}], lr=LR)
+
+    def flora():
+        from flora_opt import Flora
+        return Flora([param], lr=LR, rank=rank, beta1=0.9)
+
+    makers.update(GaLore=galore, APOLLO=apollo, Flora=flora)
+    steps: dict[str, Callable[[], None]] = {}
+    for name, make in makers.items():
+        try:
+            opt = make()
+            param.grad = grad
+            start = time.perf_counter()
+            opt.step()  # first step: state, and GaLore's SVD (every 200 steps after)
+            first = time.perf_counter() - start
+            if name == "GaLore":
+                notes.append(f"GaLore's first step (with its SVD) took {first * 1e3:.0f} ms")
+            steps[name] = opt.step
+        except Exception as error:  # a peer that cannot run this case is reported, not fatal
+            notes.append(f"{name}: not run ({type(error).__name__}: {str(error)[:100]})")
+    # PEFT LoRA's optimizer step: fused AdamW on lora_B (out×r) and lora_A (r×in).
+    adapters = [torch.nn.Parameter(torch.zeros(rows, rank, dtype=param.dtype)),
+                torch.nn.Parameter(torch.randn(rank, cols, dtype=param.dtype) / cols**0.5)]
+    for adapter in adapters:
+        adapter.grad = torch.randn_like(adapter) * 1e-3
+    peft_opt = torch.optim.AdamW(adapters, lr=LR, fused=True)
+    steps["PEFT LoRA (AdamW step)"] = peft_opt.step
+    return steps
+
+
+def _with_grad(param: torch.nn.Parameter, grad: torch.Tensor, step: Callable[[], None]) -> Callable[[], None]:
+    def call() -> None:
+        param.grad = grad
+        step()
+
+    return call
+
+
+def _roofline_probes() -> dict[str, Callable[[], None]]:
+    source = torch.randn(COPY_ELEMENTS)
+    target = torch.empty_like(source)
+    left = torch.randn(GEMM_SIZE, GEMM_SIZE)
+    right = torch.randn(GEMM_SIZE, GEMM_SIZE)
+    out = torch.empty(GEMM_SIZE, GEMM_SIZE)
+    return {"[copy]": lambda: target.copy_(source), "[gemm]": lambda: torch.mm(left, right, out=out)}
+
+
+def run_case(rows: int, cols: int, rank: int, dtype_name: str, repeats: int) -> dict:
+    """Time every method at one shape/rank/dtype; return medians, quartiles and the roofline."""
+    dtype = DTYPES[dtype_name]
+    generator = torch.Generator().manual_seed(0)
+    param = torch.nn.Parameter((torch.randn(rows, cols, generator=generator) * 0.02).to(dtype))
+    grad = (torch.randn(rows, cols, generator=generator) * 1e-3).to(dtype)
+    param.grad = grad
+    notes: list[str] = []
+    methods: dict[str, Callable[[], None]] = {}
+    keep_alive = []
+    for projection in OURS:
+        opt, step = _lora_optim(param, rank, projection, "nearest", native=True)
+        keep_alive.append(opt)
+        methods[projection] = step
+    opt, step = _lora_optim(param, rank, "lora", "nearest", native=False)
+    keep_alive.append(opt)
+    methods["lora (torch path)"] = step
+    if dtype == torch.bfloat16:
+        opt, step = _lora_optim(param, rank, "lora", "compensated", native=True)
+        keep_alive.append(opt)
+        methods["lora (compensated)"] = step
+    methods.update(_peers(param, grad, rank, notes))
+    # Flora sets p.grad = None after its step: every method gets the same G back first.
+    methods = {name: _with_grad(param, grad, step) for name, step in methods.items()}
+    methods.update(_roofline_probes())
+    methods["[finite check]"] = lambda: finite_flags([grad])  # part of every LoRAAdam step
+    times = interleaved_times(methods, repeats, warmup=1)
+    finite_check = median(times.pop("[finite check]"))
+    copy_bandwidth = 2 * COPY_ELEMENTS * 4 / median(times.pop("[copy]"))
+    gemm_rate = 2 * GEMM_SIZE**3 / median(times.pop("[gemm]"))
+    moved = rows * cols * (grad.element_size() + 2 * param.element_size())
+    result = {"rows": rows, "cols": cols, "rank": rank, "dtype": dtype_name, "notes": notes, "finite_check": finite_check,
+              "copy_GBps": copy_bandwidth / 1e9, "gemm_GFLOPs": gemm_rate / 1e9, "methods": {}}
+    for name, samples in times.items():
+        roof = max(moved / copy_bandwidth, _flops(name, rows, cols, rank) / gemm_rate)
+        result["methods"][name] = {"median": median(samples), "quartiles": quartiles(samples), "roof": roof}
+    del keep_alive, methods, param
+    gc.collect()
+    return result
+
+
+def _case_table(case: dict) -> str:
+    methods = case["methods"]
+    fused = methods.get("AdamW fused", {}).get("median")
+    rows = []
+    for name, m in methods.items():
+        q1, q3 = m["quartiles"]
+        ours = name.split(" ")[0] in OURS
+        rows.append([
+            name,
+            fmt_ms(m["median"]),
+            f"{fmt_ms(q1)}–{fmt_ms(q3)}",
+            fmt_ratio(m["median"] / m["roof"]) if ours else "",
+            fmt_ratio(m["median"] / fused) if fused else "",
+        ])
+    roof_lora = methods["lora"]["roof"]
+    roof_add = methods["additive"]["roof"]
+    title = (
+        f"### {case['rows']}×{case['cols']}, r = {case['rank']}, {case['dtype']} weights\n\n"
+        f"copy {case['copy_GBps']:.1f} GB/s, GEMM {case['gemm_GFLOPs']:.0f} GFLOP/s → t_roof "
+        f"{fmt_ms(roof_lora)} ms (lora/random), {fmt_ms(roof_add)} ms (additive); LoRAAdam's non-finite "
+        f"gradient screen alone (one extra read of G, included in every LoRAAdam step): "
+        f"{fmt_ms(case['finite_check'])} ms\n\n"
+    )
+    notes = "".join(f"- {note}\n" for note in case["notes"])
+    table = markdown_table(["method", "median ms", "IQR ms", "× t_roof", "× AdamW fused"], rows)
+    return title + table + ("\n" + notes if notes else "") + "\n"
+
+
+def _summary(cases: list[dict]) -> str:
+    rows = []
+    for case in cases:
+        shape = (case["rows"], case["cols"])
+        methods = case["methods"]
+        peer_best = min((methods[p]["median"], p) for p in PEERS if p in methods)
+        for name in OURS:
+            m = methods[name]
+            ratio = m["median"] / m["roof"]
+            target = TARGETS[name] if shape in TARGET_SHAPES else None
+            verdict = "" if target is None else ("met" if ratio <= target else "NOT met")
+            rows.append([
+                f"{shape[0]}×{shape[1]}", case["rank"], case["dtype"], name, fmt_ms(m["median"]),
+                fmt_ratio(ratio), f"≤ {target}" if target else "", verdict,
+                f"{fmt_ratio(peer_best[0] / m['median'])} ({peer_best[1]})",
+                "yes" if m["median"] < peer_best[0] else "NO",
+            ])
+    return markdown_table(
+        ["shape", "r", "W", "method", "median ms", "× t_roof", "target", "", "fastest peer ÷ ours", "faster than all peers"],
+        rows,
+    )
+
+
+def _figure(cases: list[dict]):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dtypes = list(dict.fromkeys(c["dtype"] for c in cases))
+    ranks = list(dict.fromkeys(c["rank"] for c in cases))
+    fig, axes = plt.subplots(len(dtypes), len(ranks), figsize=(6.5 * len(ranks), 4.2 * len(dtypes)),
+                             squeeze=False, sharey=True)
+    for i, dtype in enumerate(dtypes):
+        for j, rank in enumerate(ranks):
+            ax = axes[i][j]
+            subset = [c for c in cases if c["dtype"] == dtype and c["rank"] == rank]
+            labels = [f"{c['rows']}×{c['cols']}" for c in subset]
+            names = list(dict.fromkeys(n for c in subset for n in c["methods"]))
+            for name in names:
+                ys = [c["methods"][name]["median"] / c["methods"]["lora"]["roof"] if name in c["methods"] else None
+                      for c in subset]
+                style = "-o" if name.split(" ")[0] in OURS else "--x"
+                ax.plot(labels, ys, style, label=name, markersize=4)
+            ax.axhline(1.5, color="grey", linewidth=0.8, linestyle=":")
+            ax.set_yscale("log")
+            ax.set_title(f"{dtype} weights, r = {rank}")
+            ax.set_ylabel("step time / t_roof(lora)")
+            ax.tick_params(axis="x", labelrotation=20)
+    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.suptitle("Optimizer step of one weight: median time over the lora roofline (lower is better)")
+    return fig
+
+
+def main() -> None:
+    args = parse_args("Optimizer step vs roofline and peers", repeats=15, quick_repeats=5)
+    before = machine_info()
+    kernels = native_kernels()
+    shapes = QUICK_SHAPES if args.quick else SHAPES
+    cases = []
+    for rows, cols in shapes:
+        for dtype_name in DTYPES:
+            for rank in RANKS:
+                print(f"... {rows}×{cols} r={rank} {dtype_name}", file=sys.stderr, flush=True)
+                cases.append(run_case(rows, cols, rank, dtype_name, args.repeats))
+    after = machine_info()
+    text = header("Optimizer step of one weight matrix vs roofline and peers", before, after)
+    text += (
+        f"Native CPU kernels: {'on' if kernels is not None else 'OFF (torch path)'}. "
+        f"{args.repeats} interleaved repeats per method, medians; ratios from this run only. "
+        "`× t_roof` uses each method's own roofline (lora/random: 8·out·in·r flops; additive: "
+        "5·out·in); PEFT LoRA is its optimizer step only (fused AdamW on the adapters). Command: "
+        f"`python benchmarks/step.py{' --quick' if args.quick else ''}`.\n\n"
+        "## Summary\n\n" + _summary(cases) + "\n## Every case\n\n"
+    )
+    text += "".join(_case_table(case) for case in cases)
+    save_results("step", text, _figure(cases))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+"""Checks that an optimizer state dict fits the optimizer it is loaded into.
+
+``torch.optim.Optimizer.load_state_dict`` matches saved state to parameters by position and
+checks only the number of groups and of parameters per group. A checkpoint made with another
+rank, projection, write mode or model shape would then load silently and fail (or train
+something else) later. :func:`check_loadable` compares the state dict with the optimizer
+*before* anything is changed and raises a ``ValueError`` naming the parameter (its index in
+the optimizer, its group, its shape) and the mismatch.
+
+What must match: the group structure; per group the options that decide the layout of the
+state (``rank``, ``projection``, ``precision`` resolved for the weight's dtype,
+``drift_probes``); per parameter the shapes of the saved moments, factors and weight-shaped
+buffers. Every other option (``lr``, ``betas``, ``resample_every``, ...) comes from the
+checkpoint, as in ``torch.optim``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from torch import Tensor
+
+from lora_optim.drift import DRIFT_KEYS
+from lora_optim.matrix import matrix_shape
+from lora_optim.precision import default_precision, get_writer
+from lora_optim.projections.base import MOMENT_KEYS
+
+__all__ = ["STRUCTURAL_OPTIONS", "check_loadable"]
+
+#: Group options that decide the per-parameter state layout, with the value a checkpoint that
+#: predates the option implies.
+STRUCTURAL_OPTIONS: dict[str, Any] = {"rank": None, "projection": None, "precision": None, "drift_probes": 0}
+
+
+def _resolved(option: str, value: Any, p: Tensor) -> Any:
+    return default_precision(p.dtype) if option == "precision" and value is None else value
+
+
+def check_loadable(
+    param_groups: list[dict[str, Any]], state_dict: Mapping[str, Any], is_low_rank: Callable[[Tensor, Mapping], bool]
+) -> None:
+    """Raise ``ValueError`` if ``state_dict`` does not fit ``param_groups``; change nothing.
+
+    ``is_low_rank(p, group)`` says whether ``p`` is trained through factors in ``group``.
+    """
+    if not isinstance(state_dict, Mapping) or "state" not in state_dict or "param_groups" not in state_dict:
+        raise ValueError("state_dict must be a mapping with keys 'state' and 'param_groups' (from LoRAAdam.state_dict())")
+    saved_groups, saved_state = state_dict["param_groups"], state_dict["state"]
+    if len(saved_groups) != len(param_groups):
+        raise ValueError(
+            f"cannot load optimizer state: the state dict has {len(saved_groups)} param group(s), "
+            f"the optimizer {len(param_groups)}"
+        )
+    index = 0
+    for group_index, (saved, group) in enumerate(zip(saved_groups, param_groups)):
+        params = group["params"]
+        if len(saved["params"]) != len(params):
+            raise ValueError(
+                f"cannot load optimizer state: group {group_index} has {len(saved['params'])} parameter(s) in the "
+                f"state dict and {len(params)} in the optimizer (shapes {[tuple(p.shape) for p in params]})"
+            )
+        for pid, p in zip(saved["params"], params):
+            where = f"parameter {index} (group {group_index}, shape {tuple(p.shape)})"
+            for option, missing in STRUCTURAL_OPTIONS.items():
+                was = _resolved(option, saved.get(option, missing), p)
+                now = _resolved(option, group.get(option, missing), p)
+                if was != now:
+                    raise ValueError(
+                        f"cannot load optimizer state: {where}: {option} was {was!r} in the checkpoint, "
+                        f"the optimizer has {now!r}"
+                    )
+            if pid in saved_state:
+                _check_param_state(where, p, group, saved_state[pid], is_low_rank(p, group))
+            index += 1
+
+
+def _check_param_state(where: str, p: Tensor, group: Mapping[str, Any], state: Mapping[str, Any],
+                       low_rank: bool) -> None:
+    saved_low_rank = MOMENT_KEYS["A"][0] in state
+    if saved_low_rank != low_rank:
+        kind = {True: "low-rank factors", False: "plain AdamW moments"}
+        raise ValueError(
+            f"cannot load optimizer state: {where}: the checkpoint holds {kind[saved_low_rank]}, "
+            f"the optimizer trains it with {kind[low_rank]}"
+        )
+    if not low_rank:
+        expected = {"exp_avg": tuple(p.shape), "exp_avg_sq": tuple(p.shape)}
+    else:
+        out_features, in_features = matrix_shape(p.shape)
+        rank = min(group["rank"], out_features, in_features)
+        if state.get("rank") != rank:
+            raise ValueError(
+                f"cannot load optimizer state: {where}: the checkpoint has factors of rank {state.get('rank')!r}, "
+                f"the optimizer expects rank {rank} (rank={group['rank']}, clipped to min(out, in))"
+            )
+        shapes = {"A": (out_features, rank), "B": (rank, in_features)}
+        expected = {key: shapes[factor] for factor, keys in MOMENT_KEYS.items() for key in keys}
+        expected.update({factor: shape for factor, shape in shapes.items() if factor in state})
+        precision = _resolved("precision", group["precision"], p)
+        expected.update({key: (out_features, in_features) for key in get_writer(precision).weight_shaped_keys})
+        probes = group.get("drift_probes", 0)
+        if probes:
+            expected.update(zip(DRIFT_KEYS, ((in_features, probes), (out_features, probes), (out_features, probes))))
+    for key, shape in expected.items():
+        value = state.get(key)
+        if not isinstance(value, Tensor):
+            raise ValueError(f"cannot load optimizer state: {where}: the checkpoint has no tensor {key!r}")
+        if tuple(value.shape) != shape:
+            raise ValueError(
+                f"cannot load optimizer state: {where}: {key!r} has shape {tuple(value.shape)} in the checkpoint, "
+                f"expected {shape}"
+            )

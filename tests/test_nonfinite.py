@@ -1,0 +1,235 @@
+"""A NaN or Inf in a gradient never reaches W, the factors or the moments.
+
+Default: that parameter's step is skipped (bit for bit nothing changes), a
+``NonFiniteGradientWarning`` is issued and an int counter in the state goes up. With
+``nonfinite="raise"`` the step raises before any parameter changes. ``torch.amp.GradScaler``
+works on top (it skips the whole step itself).
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import warnings
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from lora_optim import LoRAAdam, NonFiniteGradientError, NonFiniteGradientWarning, available_projections
+from lora_optim.nonfinite import finite_flags
+from lora_optim.projections import _REGISTRY
+from lora_optim.projections.lora import LoRAProjection
+
+BAD_VALUES = [float("nan"), float("inf"), float("-inf")]
+CONFIGS = [
+    dict(projection="lora"),
+    dict(projection="lora", init="symmetric"),
+    dict(projection="random", resample_every=1),
+    dict(projection="random", resample_every=3, moment_rule="transport"),
+    dict(projection="additive"),
+    dict(rank=None),
+]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One thread: tiny models, where thread hand-offs only cost time (a lot, on a loaded machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _snapshot(opt: LoRAAdam, params) -> dict:
+    """Copies of ``params`` and of their optimizer state (and the group options)."""
+    return {
+        "params": [p.detach().clone() for p in params],
+        "state": [copy.deepcopy(dict(opt.state[p])) for p in params],
+        "groups": [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups],
+    }
+
+
+def _assert_same(before: dict, after: dict) -> None:
+    for a, b in zip(before["params"], after["params"]):
+        assert torch.equal(a, b)
+    assert before["groups"] == after["groups"]
+    for state, other in zip(before["state"], after["state"]):
+        assert state.keys() == other.keys()
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor):
+                assert torch.equal(value, other[key]), key
+            else:
+                assert value == other[key], key
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+@given(
+    data=st.data(),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float64]),
+    bad=st.sampled_from(BAD_VALUES),
+)
+@settings(max_examples=12)
+def test_nonfinite_gradient_is_skipped_for_that_parameter_only(config, data, dtype, bad):
+    out = data.draw(st.integers(1, 9), label="out")
+    inn = data.draw(st.integers(1, 9), label="in")
+    gen = torch.Generator().manual_seed(0)
+    weight = nn.Parameter(torch.randn(out, inn, generator=gen).to(dtype))
+    other = nn.Parameter(torch.randn(5, 4, generator=gen).to(dtype))
+    options = {"rank": 2, **config}
+    opt = LoRAAdam([weight, other], lr=1e-2, drift_probes=0 if options["rank"] is None else 2, **options)
+    for _ in range(2):  # some state and history first
+        weight.grad = torch.randn(out, inn, generator=gen).to(dtype)
+        other.grad = torch.randn(5, 4, generator=gen).to(dtype)
+        opt.step()
+    grad = torch.randn(out, inn, generator=gen).to(dtype)
+    grad[data.draw(st.integers(0, out - 1)), data.draw(st.integers(0, inn - 1))] = bad
+    weight.grad = grad
+    other.grad = torch.randn(5, 4, generator=gen).to(dtype)
+    other_before = other.detach().clone()
+    before = _snapshot(opt, [weight])
+    with pytest.warns(NonFiniteGradientWarning, match="parameter 0"):
+        opt.step()
+    after = _snapshot(opt, [weight])
+    assert after["state"][0].pop("nonfinite_skips") == before["state"][0].pop("nonfinite_skips") + 1
+    _assert_same(before, after)
+    assert not torch.equal(other, other_before)  # the healthy parameter stepped
+    assert torch.isfinite(weight).all()
+    assert opt.nonfinite_skips(weight) == 1 and opt.nonfinite_skips(other) == 0 and opt.nonfinite_skips() == 1
+
+
+def test_nan_with_zero_factor_is_caught():
+    """PEFT init: ``A = 0`` at the first step, so ``Aᵀ·G`` could hide a NaN in ``G`` from a check
+    of the projected gradients (a zero-skipping GEMM returns 0). The check is on ``G``."""
+    weight = nn.Parameter(torch.randn(6, 5))
+    before = weight.detach().clone()
+    opt = LoRAAdam([weight], rank=2)
+    grad = torch.randn(6, 5)
+    grad[2, 3] = float("nan")
+    weight.grad = grad
+    with pytest.warns(NonFiniteGradientWarning):
+        opt.step()
+    assert torch.equal(weight, before)
+    assert opt.state[weight]["step"] == 0
+    assert torch.count_nonzero(opt.state[weight]["A"]) == 0
+
+
+class MaskingProjection(LoRAProjection):
+    """A variant whose projection masks non-finite entries (as a fused or sparse kernel might)."""
+
+    name = "test-masking"
+
+    def project(self, grad, A, B, scale):
+        return super().project(torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0), A, B, scale)
+
+
+def test_check_does_not_rely_on_the_projection(monkeypatch):
+    monkeypatch.setitem(_REGISTRY, MaskingProjection.name, MaskingProjection())
+    weight = nn.Parameter(torch.randn(6, 5))
+    before = weight.detach().clone()
+    opt = LoRAAdam([weight], rank=2, projection="test-masking")
+    grad = torch.randn(6, 5)
+    grad[0, 0] = float("inf")
+    weight.grad = grad
+    with pytest.warns(NonFiniteGradientWarning):
+        opt.step()
+    assert torch.equal(weight, before) and opt.nonfinite_skips(weight) == 1
+
+
+def test_raise_policy_changes_nothing_anywhere():
+    gen = torch.Generator().manual_seed(0)
+    healthy = nn.Parameter(torch.randn(4, 3, generator=gen))
+    strict = nn.Parameter(torch.randn(5, 4, generator=gen))
+    opt = LoRAAdam([{"params": [healthy]}, {"params": [strict], "nonfinite": "raise"}], rank=2)
+    healthy.grad, strict.grad = torch.randn(4, 3, generator=gen), torch.randn(5, 4, generator=gen)
+    opt.step()
+    before = _snapshot(opt, [healthy, strict])
+    strict.grad = torch.full((5, 4), float("nan"))
+    healthy.grad = torch.randn(4, 3, generator=gen)  # comes first: must not step either
+    with pytest.raises(NonFiniteGradientError, match=r"parameter 1 \(group 1, shape \(5, 4\)\)"):
+        opt.step()
+    _assert_same(before, _snapshot(opt, [healthy, strict]))
+
+
+def test_overflowed_state_never_reaches_the_weight():
+    """Last line of defence: with finite gradients but a diverged state (here: moments set to inf),
+    the factor step is not finite; W and the factors are left alone and the skip is counted."""
+    weight = nn.Parameter(torch.randn(6, 5))
+    opt = LoRAAdam([weight], rank=2, init="symmetric")
+    weight.grad = torch.randn(6, 5)
+    opt.step()
+    opt.state[weight]["exp_avg_A"].fill_(float("inf"))
+    before, factors = weight.detach().clone(), opt.get_factors(weight)
+    with pytest.warns(NonFiniteGradientWarning, match="factor step is not finite"):
+        opt.step()
+    assert torch.equal(weight, before) and opt.nonfinite_skips(weight) == 1
+    assert all(torch.equal(a, b) for a, b in zip(factors, opt.get_factors(weight)))
+
+
+def test_skip_counter_checkpoints_as_an_int():
+    weight = nn.Parameter(torch.randn(6, 5))
+    opt = LoRAAdam([weight], rank=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NonFiniteGradientWarning)
+        for _ in range(3):
+            weight.grad = torch.full((6, 5), float("nan"))
+            opt.step()
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    buffer.seek(0)
+    restored = LoRAAdam([weight], rank=2)
+    restored.load_state_dict(torch.load(buffer, weights_only=True))
+    assert restored.nonfinite_skips(weight) == 3
+    assert type(restored.state[weight]["nonfinite_skips"]) is int
+
+
+def test_finite_gradients_whose_sum_overflows_are_not_flagged():
+    huge = torch.full((64, 64), 3.0e38)
+    assert finite_flags([huge, huge.to(torch.bfloat16), torch.full((300, 300), 60000.0, dtype=torch.float16)]) == [
+        True, True, True,
+    ]
+    assert finite_flags([huge, torch.tensor([1.0, float("nan")]), torch.empty(0)]) == [True, False, True]
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 10), nn.Tanh(), nn.Linear(10, 3))
+
+
+@pytest.mark.parametrize("projection", available_projections())
+def test_grad_scaler_loop_equals_the_plain_loop_and_skips_inf_steps(projection):
+    """Power-of-two scaling and unscaling are exact, so with a GradScaler the run equals the plain
+    run bit for bit; a forced inf makes the scaler skip that step (our optimizer never sees it)
+    and halve its scale, and training goes on."""
+    gen = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(16, 6, generator=gen), torch.randint(0, 3, (16,), generator=gen)) for _ in range(6)]
+    forced = 2
+
+    plain_model = _mlp()
+    plain = LoRAAdam(plain_model.parameters(), rank=2, projection=projection, lr=1e-2)
+    for index, (x, y) in enumerate(batches):
+        if index == forced:
+            continue  # the scaler will skip this batch
+        nn.functional.cross_entropy(plain_model(x), y).backward()
+        plain.step()
+        plain.zero_grad()
+
+    model = _mlp()
+    opt = LoRAAdam(model.parameters(), rank=2, projection=projection, lr=1e-2)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1000)
+    for index, (x, y) in enumerate(batches):
+        scaler.scale(nn.functional.cross_entropy(model(x), y)).backward()
+        if index == forced:
+            model[0].weight.grad[0, 0] = float("inf")
+            before = [p.detach().clone() for p in model.parameters()]
+        scaler.step(opt)
+        scaler.update()
+        if index == forced:
+            assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+            assert scaler.get_scale() == 2.0**9
+        opt.zero_grad()
+    assert opt.nonfinite_skips() == 0
+    for a, b in zip(model.parameters(), plain_model.parameters()):
+        assert torch.equal(a, b)
