@@ -250,6 +250,8 @@ def _figure(cases: list[dict]):
 
     dtypes = list(dict.fromkeys(c["dtype"] for c in cases))
     ranks = list(dict.fromkeys(c["rank"] for c in cases))
+    all_names = list(dict.fromkeys(n for c in cases for n in c["methods"]))
+    colors = {name: plt.get_cmap("tab20")(i % 20) for i, name in enumerate(all_names)}
     fig, axes = plt.subplots(len(dtypes), len(ranks), figsize=(6.5 * len(ranks), 4.2 * len(dtypes)),
                              squeeze=False, sharey=True)
     for i, dtype in enumerate(dtypes):
@@ -262,13 +264,15 @@ def _figure(cases: list[dict]):
                 ys = [c["methods"][name]["median"] / c["methods"]["lora"]["roof"] if name in c["methods"] else None
                       for c in subset]
                 style = "-o" if name.split(" ")[0] in OURS else "--x"
-                ax.plot(labels, ys, style, label=name, markersize=4)
+                ax.plot(labels, ys, style, label=name, markersize=4, color=colors[name])
             ax.axhline(1.5, color="grey", linewidth=0.8, linestyle=":")
             ax.set_yscale("log")
             ax.set_title(f"{dtype} weights, r = {rank}")
             ax.set_ylabel("step time / t_roof(lora)")
             ax.tick_params(axis="x", labelrotation=20)
-    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    handles = [plt.Line2D([], [], color=colors[n], marker="o" if n.split(" ")[0] in OURS else "x",
+                          linestyle="-" if n.split(" ")[0] in OURS else "--") for n in all_names]
+    axes[0][-1].legend(handles, all_names, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.suptitle("Optimizer step of one weight: median time over the lora roofline (lower is better)")
     return fig
 

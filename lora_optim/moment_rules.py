@@ -12,10 +12,13 @@ After a redraw the moments describe gradients of the *old* factors. Three rules:
 
     .. math::
 
-        m_A \\leftarrow m_A\\,(B_{old} B_{new}^\\top), \\qquad
-        m_B \\leftarrow (A_{new}^\\top A_{old})\\, m_B,
+        m_A \\leftarrow m_A\\,(B_{old} B_{old}^\\top)^{+} B_{old} B_{new}^\\top, \\qquad
+        m_B \\leftarrow A_{new}^\\top A_{old} (A_{old}^\\top A_{old})^{+}\\, m_B,
 
-    because ``m_A ≈ s·Ḡ·B_oldᵀ`` and ``E[B_oldᵀ B_old] = I`` give ``m_A B_old B_newᵀ ≈ s·Ḡ·B_newᵀ``.
+    because ``m_A ≈ s·Ḡ·B_oldᵀ`` and the least-squares estimate of ``Ḡ`` from it is
+    ``m_A (B_old B_oldᵀ)⁺ B_old / s`` (``Ḡ`` on ``B_old``'s row space): a gradient inside the old
+    subspace is transported exactly. (Dropping ``(B_old B_oldᵀ)⁺ ≈ (r/in)·I`` scales ``m`` by
+    about ``√(in/r)`` per redraw and diverges.)
     The second moment is kept: a linear re-projection of ``v`` can make entries negative.
 
 Which rule is the default of the ``random`` projection, and why, is in the docs
@@ -48,8 +51,11 @@ def _reset(state: FactorState, old: tuple[Tensor, Tensor], new: tuple[Tensor, Te
 def _transport(state: FactorState, old: tuple[Tensor, Tensor], new: tuple[Tensor, Tensor]) -> None:
     (old_A, old_B), (new_A, new_B) = old, new
     exp_avg_A, exp_avg_B = state[MOMENT_KEYS["A"][0]], state[MOMENT_KEYS["B"][0]]
-    exp_avg_A.copy_(exp_avg_A @ torch.mm(old_B, new_B.t()))
-    exp_avg_B.copy_(torch.mm(new_A.t(), old_A) @ exp_avg_B)
+    # m_A ≈ s·Ḡ·B_oldᵀ; the least-squares estimate of Ḡ from it is m_A·(B_old B_oldᵀ)⁻¹·B_old / s
+    # (Ḡ projected on B_old's row space), so m_A ← m_A·(B_old B_oldᵀ)⁻¹·B_old·B_newᵀ. Without the
+    # (B_old B_oldᵀ)⁻¹ ≈ (r/in)·I factor every transport multiplies m by ~√(in/r) and diverges.
+    exp_avg_A.copy_(exp_avg_A @ torch.linalg.pinv(old_B @ old_B.t(), hermitian=True) @ (old_B @ new_B.t()))
+    exp_avg_B.copy_((new_A.t() @ old_A) @ torch.linalg.pinv(old_A.t() @ old_A, hermitian=True) @ exp_avg_B)
 
 
 MOMENT_RULES: dict[str, Callable[[FactorState, tuple[Tensor, Tensor], tuple[Tensor, Tensor]], None]] = {

@@ -87,8 +87,14 @@ class LoRAAdam(torch.optim.Optimizer):
             as ``torch.optim.AdamW``; ≥ 0.
         seed: int seed of every random draw (factor inits, redraws). Combined with each
             parameter's position in the optimizer; torch's global RNG is never used.
-        precision: how steps are written into ``W`` (see :mod:`lora_optim.precision`); ``None``
-            picks the default for the weight's dtype.
+        precision: how steps are written into ``W``: ``"nearest"``, ``"compensated"`` (Kahan
+            buffer in ``W``'s dtype) or ``"stochastic"`` (see :mod:`lora_optim.precision`);
+            ``None`` picks ``"compensated"`` for bf16/fp16 weights, ``"nearest"`` otherwise.
+        nonfinite: what a NaN/Inf gradient does (:mod:`lora_optim.nonfinite`): ``"skip"`` that
+            parameter's step, warn and count it (``nonfinite_skips()``), or ``"raise"`` before
+            anything changes.
+        drift_probes: number of random probe vectors of the drift check (:mod:`lora_optim.drift`,
+            :meth:`drift`); ``0`` (default) turns it off at no cost.
         **projection_options: options of the projections, e.g. ``init="symmetric"`` (``lora``),
             ``resample_every=1`` and ``moment_rule="keep"`` (``random``).
 

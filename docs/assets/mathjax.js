@@ -1,15 +1,16 @@
-// MathJax settings for pymdownx.arithmatex (generic mode): \( \) inline, \[ \] display.
+// MathJax settings: pymdownx.arithmatex (generic mode) writes \( \) and \[ \]; the rendered
+// notebooks (mkdocs-jupyter) keep Jupyter's $ and $$. Only the page and its table of contents are
+// typeset (not the navigation or the search box), and never code (MathJax skips <pre>, <code>).
 // Loaded by the reader's browser; the build itself fetches nothing.
 window.MathJax = {
   tex: {
-    inlineMath: [["\\(", "\\)"]],
-    displayMath: [["\\[", "\\]"]],
+    inlineMath: [["\\(", "\\)"], ["$", "$"]],
+    displayMath: [["\\[", "\\]"], ["$$", "$$"]],
     processEscapes: true,
     processEnvironments: true,
   },
-  options: {
-    ignoreHtmlClass: ".*|",
-    processHtmlClass: "arithmatex",
+  startup: {
+    elements: [".md-content", ".md-sidebar--secondary"],
   },
 };
 
@@ -20,7 +21,7 @@ if (typeof document$ !== "undefined") {
       MathJax.startup.output.clearCache();
       MathJax.typesetClear();
       MathJax.texReset();
-      MathJax.typesetPromise();
+      MathJax.typesetPromise(Array.from(document.querySelectorAll(".md-content, .md-sidebar--secondary")));
     }
   });
 }

@@ -11,7 +11,9 @@ Supported storage: fp32 and bf16 matrices with fp32 factors, fp64 with fp64 fact
 with unit column stride. ``G`` and ``W`` are read and written in their own dtype (a bf16 ``G`` is
 never copied to fp32, a bf16 ``W`` is rounded to nearest-even once per element, as
 ``W.add_(delta)`` rounds). Sums run in a different order than torch's GEMMs, so results agree
-with the torch path to float rounding, not bit for bit.
+with the torch path to float rounding, not bit for bit. They do not depend on the thread count
+or on scheduling: rows are chunked by shape alone and the per-chunk partial sums of ``Aᵀ·G``
+are added in chunk order.
 
 :func:`native_kernels` returns the loaded kernels, or ``None`` when they are off or unavailable;
 :func:`use_native` switches them off or on within a block (tests compare both paths).
@@ -70,7 +72,6 @@ def use_native(enabled: bool) -> Iterator[None]:
 
 #: Budget for the per-chunk partial sums of a reduction (``chunks × r × in`` values).
 PARTIAL_BYTES = 16 << 20
-
 
 #: Work (multiply-adds or elements) below which a chunk would cost more to hand out than to do.
 CHUNK_WORK = 1 << 20
