@@ -278,7 +278,10 @@ def _figure(cases: list[dict]):
 
 
 def main() -> None:
-    args = parse_args("Optimizer step vs roofline and peers", repeats=15, quick_repeats=5)
+    args = parse_args(
+        "Optimizer step vs roofline and peers", repeats=15, quick_repeats=5,
+        extra=lambda parser: parser.add_argument("--output", default="step", help="results/NAME.md and .png"),
+    )
     before = machine_info()
     kernels = native_kernels()
     shapes = QUICK_SHAPES if args.quick else SHAPES
@@ -295,11 +298,11 @@ def main() -> None:
         f"{args.repeats} interleaved repeats per method, medians; ratios from this run only. "
         "`× t_roof` uses each method's own roofline (lora/random: 8·out·in·r flops; additive: "
         "5·out·in); PEFT LoRA is its optimizer step only (fused AdamW on the adapters). Command: "
-        f"`python benchmarks/step.py{' --quick' if args.quick else ''}`.\n\n"
+        f"`python benchmarks/step.py {' '.join(sys.argv[1:])}`.\n\n"
         "## Summary\n\n" + _summary(cases) + "\n## Every case\n\n"
     )
     text += "".join(_case_table(case) for case in cases)
-    save_results("step", text, _figure(cases))
+    save_results(args.output, text, _figure(cases))
 
 
 if __name__ == "__main__":
