@@ -19,16 +19,28 @@ and ``δY`` instead. With ``W.requires_grad = False`` autograd neither runs that
 weight is a low-rank parameter of the optimizer (and requires grad) it
 
 * sets ``weight.requires_grad = False`` (``handle.detach()`` restores it);
-* registers a forward hook that keeps the layer's input ``X`` and registers a hook on the output
-  ``Y`` that receives ``δY`` (the total gradient of ``Y``, over all its consumers);
-* in that hook forms ``(g_A, g_B)`` and adds them to the step's sums
-  (:mod:`lora_optim.accumulation`), then releases ``X``.
+* registers a forward hook that keeps the layer's input ``X`` and returns the output as
+  ``Y' = Y + a``, where ``a`` is a fresh zero scalar leaf that requires grad. ``Y'`` is a tensor of
+  the mode's own, so changing it in place later (``nn.ReLU(inplace=True)``, ``y += 1``, in-place
+  dropout) leaves the node that made it, and the gradient that node receives, intact;
+* takes ``δY`` in a hook on that node, and adds the factor gradients to the step's sums
+  (:meth:`LoRAAdam.accumulate_activation_grad_ <lora_optim.LoRAAdam.accumulate_activation_grad_>`,
+  :mod:`lora_optim.accumulation`) only when autograd accumulates into the leaf ``a``, which
+  happens exactly when a plain backward would accumulate into ``W.grad``: ``loss.backward()``,
+  but not ``torch.autograd.grad(loss, x)`` or ``loss.backward(inputs=[x])``. Then ``X`` is
+  released.
+
+The extra cost is one elementwise add per layer call in the forward and one reduction (``a``'s
+gradient) in the backward.
 
 A layer called several times in one forward (weight sharing) adds one piece per call, and
-micro-batches add up until ``opt.step()``, which takes the factor step with the sums (exact: the
-factors do not change within a step). ``opt.zero_grad()`` discards the sums as it discards
-``p.grad``. Other parameters are untouched: biases, dense groups and low-rank weights of layers
-this mode cannot handle keep the ``G`` path; the latter are listed in a warning.
+micro-batches add up until ``opt.step()``, which steps through the same engine as the plain
+mode with the sums in place of ``G`` (exact: the factors do not change before the step), so
+``nonfinite="raise"``, ``torch.amp.GradScaler`` (its scale is divided out at the step), LR
+schedulers and checkpoints between micro-batches behave as in the plain mode.
+``opt.zero_grad()`` discards the sums as it discards ``p.grad``. Other parameters are
+untouched: biases, dense groups and low-rank weights of layers this mode cannot handle keep the
+``G`` path; the latter are listed in a warning.
 
 Non-finite values: ``G`` never exists, so the check of the ``nonfinite`` option is made on the
 summed factor gradients at ``step()`` (a NaN or Inf in ``X`` or ``δY`` reaches them through the
@@ -53,8 +65,6 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
-
-from lora_optim import accumulation
 
 if TYPE_CHECKING:  # pragma: no cover
     from lora_optim.optimizer import LoRAAdam
@@ -81,6 +91,17 @@ def supported_layer_forwards() -> list[str]:
     return sorted(f.__qualname__ for f in _INPUT_READERS)
 
 
+class _Piece:
+    """One call of an attached layer, between its forward and its backward."""
+
+    __slots__ = ("inputs", "version", "output_grads")
+
+    def __init__(self, inputs: Tensor) -> None:
+        self.inputs: Tensor | None = inputs
+        self.version = inputs._version
+        self.output_grads: Tensor | None = None
+
+
 class ActivationSide:
     """Handle of the activation-side mode of a :class:`~lora_optim.LoRAAdam` on one model.
 
@@ -97,7 +118,7 @@ class ActivationSide:
         if not isinstance(model, nn.Module):
             raise TypeError(f"attach expects an nn.Module, got {type(model).__name__}")
         self._optimizer = optimizer
-        taken = {id(p) for mode in optimizer._grad_modes if isinstance(mode, ActivationSide) for p in mode._params}
+        taken = {id(p) for mode in optimizer.grad_modes if isinstance(mode, ActivationSide) for p in mode.params}
         names: dict[int, str] = {}
         for name, param in model.named_parameters(remove_duplicate=False):
             names.setdefault(id(param), name)
@@ -114,13 +135,14 @@ class ActivationSide:
         self._params: list[Tensor] = []
         self._requires_grad: list[bool] = []
         self._hooks: list[Any] = []
-        self._anchors: dict[torch.device, Tensor] = {}
-        plan: list[tuple[nn.Module, Tensor, int, str]] = []
-        for index, group in enumerate(optimizer.param_groups):
+        plan: list[tuple[nn.Module, Tensor, str]] = []
+        position = 0
+        for group in optimizer.param_groups:
             for p in group["params"]:
-                if not optimizer._is_low_rank(p, group):
+                position += 1
+                if not optimizer.is_low_rank(p):
                     continue
-                name = names.get(id(p), f"<parameter {optimizer._position(p)} of the optimizer, not in the model>")
+                name = names.get(id(p), f"<parameter {position - 1} of the optimizer, not in the model>")
                 if id(p) in taken:
                     raise ValueError(f"{name} is already attached by another attach() handle of this optimizer")
                 if not p.requires_grad:  # frozen: the plain mode would not train it either
@@ -130,21 +152,26 @@ class ActivationSide:
                     self.fallback[name] = reason
                     continue
                 for module in {id(module): module for module, _ in holders[id(p)]}.values():
-                    plan.append((module, p, index, name))
+                    plan.append((module, p, name))
                 self.attached.append(name)
                 self._params.append(p)
         if self.fallback:
             listing = "; ".join(f"{name} ({reason})" for name, reason in self.fallback.items())
             warnings.warn(f"attach: {len(self.fallback)} low-rank parameter(s) keep the full-gradient (G) path: "
                           f"{listing}", stacklevel=3)
-        for module, p, index, name in plan:
+        for module, p, name in plan:
             reader = _INPUT_READERS[type(module).forward]
-            hook = functools.partial(self._on_forward, p=p, group_index=index, name=name, reader=reader)
+            hook = functools.partial(self._on_forward, p=p, name=name, reader=reader)
             self._hooks.append(module.register_forward_hook(hook, with_kwargs=True))
         for p in self._params:
             self._requires_grad.append(p.requires_grad)
             p.requires_grad_(False)
-        optimizer._grad_modes.append(self)
+        self._registration = optimizer.register_grad_mode(self)
+
+    @property
+    def params(self) -> tuple[Tensor, ...]:
+        """The attached weights."""
+        return tuple(self._params)
 
     @staticmethod
     def _unsupported(holders: list[tuple[nn.Module, str]], functional: set[int]) -> str | None:
@@ -159,61 +186,46 @@ class ActivationSide:
                 return "its module is used functionally by its parent (e.g. nn.MultiheadAttention)"
         return None
 
-    def _anchor(self, device: torch.device) -> Tensor:
-        # A zero leaf that requires grad, added to an output that would otherwise not require
-        # grad (a first layer whose input and parameters are all frozen), so δY is computed.
-        anchor = self._anchors.get(device)
-        if anchor is None:
-            anchor = self._anchors[device] = torch.zeros((), device=device, requires_grad=True)
-        return anchor
-
     def _on_forward(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Tensor, *,
-                    p: Tensor, group_index: int, name: str, reader: Callable[..., Tensor]) -> Tensor | None:
+                    p: Tensor, name: str, reader: Callable[..., Tensor]) -> Tensor | None:
         if not torch.is_grad_enabled():
             return None
-        inputs = reader(args, kwargs)
-        replaced = None
-        if not output.requires_grad:
-            output = replaced = output + self._anchor(output.device)
-        # A list, so the backward hook can release X as soon as it has used it.
-        holder = [inputs]
-        output.register_hook(functools.partial(
-            self._on_output_grad, holder=holder, version=inputs._version, p=p, group_index=group_index, name=name))
-        return replaced
+        piece = _Piece(reader(args, kwargs))
+        # A fresh leaf per call: autograd accumulates into it exactly when a plain backward would
+        # accumulate into W.grad (not for autograd.grad(loss, x) or backward(inputs=[x])).
+        anchor = torch.zeros((), dtype=output.dtype, device=output.device, requires_grad=True)
+        tapped = output + anchor
+        tapped.grad_fn.register_hook(functools.partial(self._on_output_grad, piece=piece))
+        anchor.register_post_accumulate_grad_hook(functools.partial(self._on_accumulate, piece=piece, p=p, name=name))
+        return tapped
+
+    @staticmethod
+    def _on_output_grad(grad_inputs: tuple[Tensor | None, ...], grad_outputs: tuple[Tensor | None, ...], *,
+                        piece: _Piece) -> None:
+        piece.output_grads = grad_outputs[0]  # δY; the anchor's accumulation comes right after
 
     @torch.no_grad()
-    def _on_output_grad(self, output_grads: Tensor, *, holder: list[Tensor], version: int, p: Tensor,
-                        group_index: int, name: str) -> None:
-        if not holder:
+    def _on_accumulate(self, anchor: Tensor, *, piece: _Piece, p: Tensor, name: str) -> None:
+        anchor.grad = None
+        inputs, output_grads = piece.inputs, piece.output_grads
+        if inputs is None:
             raise RuntimeError(
                 f"{name}: its activation-side gradient was already taken for this forward; a second backward "
                 "through the same graph (retain_graph=True) is not supported while the model is attached")
-        inputs = holder.pop()
-        if inputs._version != version:
+        piece.inputs = piece.output_grads = None  # release X and δY
+        if inputs._version != piece.version:
             raise RuntimeError(
                 f"{name}: the layer's input was modified in place after the forward; its weight gradient "
                 "would be wrong (autograd raises for the same reason when the weight requires grad)")
-        optimizer = self._optimizer
-        group = optimizer.param_groups[group_index]
-        state = optimizer._state(p, group)
-        projection, A, B = accumulation.factors_for_piece(state, group)
-        x_rows = inputs.reshape(-1, inputs.shape[-1])
-        grad_rows = output_grads.reshape(-1, output_grads.shape[-1])
-        if x_rows.dtype != A.dtype:
-            x_rows = x_rows.to(A.dtype)
-        if grad_rows.dtype != A.dtype:
-            grad_rows = grad_rows.to(A.dtype)
-        grad_A, grad_B = projection.project_activations(x_rows, grad_rows, A, B, optimizer._scale(group))
-        accumulation.add_piece_(state, grad_A, grad_B)
+        if output_grads is None:
+            return  # no gradient reached the layer's output (its node was not run)
+        self._optimizer.accumulate_activation_grad_(p, inputs, output_grads)
 
-    def after_step(self) -> None:
-        """Called by ``step()``: drop the anchors' (meaningless) gradients."""
-        for anchor in self._anchors.values():
-            anchor.grad = None
+    def before_step(self) -> None:
+        """Nothing to finish: every piece is in the optimizer state when ``backward`` returns."""
 
     def after_zero_grad(self, set_to_none: bool) -> None:
-        """Called by ``zero_grad()``: as :meth:`after_step`."""
-        self.after_step()
+        """Nothing to reset: the sums are the optimizer's, and ``zero_grad`` resets them."""
 
     def detach(self) -> None:
         """Remove the hooks and restore ``requires_grad`` of the attached weights."""
@@ -224,8 +236,7 @@ class ActivationSide:
             p.requires_grad_(requires_grad)
         self._params.clear()
         self._requires_grad.clear()
-        if self in self._optimizer._grad_modes:
-            self._optimizer._grad_modes.remove(self)
+        self._registration.remove()
 
     remove = detach
 

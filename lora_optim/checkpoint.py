@@ -21,16 +21,15 @@ from typing import Any
 
 from torch import Tensor
 
-from lora_optim.drift import DRIFT_KEYS
 from lora_optim.matrix import matrix_shape
+from lora_optim.option_table import COMMON_OPTIONS, STRUCTURAL_OPTIONS
 from lora_optim.precision import default_precision, get_writer
-from lora_optim.projections.base import MOMENT_KEYS
+from lora_optim.state_keys import DRIFT_KEYS, EXP_AVG, EXP_AVG_SQ, MOMENT_KEYS, RANK
 
-__all__ = ["STRUCTURAL_OPTIONS", "check_loadable"]
+__all__ = ["check_loadable"]
 
-#: Group options that decide the per-parameter state layout, with the value a checkpoint that
-#: predates the option implies.
-STRUCTURAL_OPTIONS: dict[str, Any] = {"rank": None, "projection": None, "precision": None, "drift_probes": 0}
+# What a checkpoint that predates a structural option implies for it.
+_MISSING = {"rank": None, "projection": None, "precision": None, "drift_probes": 0}
 
 
 def _resolved(option: str, value: Any, p: Tensor) -> Any:
@@ -62,7 +61,8 @@ def check_loadable(
             )
         for pid, p in zip(saved["params"], params):
             where = f"parameter {index} (group {group_index}, shape {tuple(p.shape)})"
-            for option, missing in STRUCTURAL_OPTIONS.items():
+            for option in STRUCTURAL_OPTIONS:
+                missing = _MISSING.get(option, COMMON_OPTIONS[option].default)
                 was = _resolved(option, saved.get(option, missing), p)
                 now = _resolved(option, group.get(option, missing), p)
                 if was != now:
@@ -85,13 +85,13 @@ def _check_param_state(where: str, p: Tensor, group: Mapping[str, Any], state: M
             f"the optimizer trains it with {kind[low_rank]}"
         )
     if not low_rank:
-        expected = {"exp_avg": tuple(p.shape), "exp_avg_sq": tuple(p.shape)}
+        expected = {EXP_AVG: tuple(p.shape), EXP_AVG_SQ: tuple(p.shape)}
     else:
         out_features, in_features = matrix_shape(p.shape)
         rank = min(group["rank"], out_features, in_features)
-        if state.get("rank") != rank:
+        if state.get(RANK) != rank:
             raise ValueError(
-                f"cannot load optimizer state: {where}: the checkpoint has factors of rank {state.get('rank')!r}, "
+                f"cannot load optimizer state: {where}: the checkpoint has factors of rank {state.get(RANK)!r}, "
                 f"the optimizer expects rank {rank} (rank={group['rank']}, clipped to min(out, in))"
             )
         shapes = {"A": (out_features, rank), "B": (rank, in_features)}

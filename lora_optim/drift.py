@@ -30,12 +30,11 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
+from lora_optim.projections.base import FactorChange, Projection
 from lora_optim.seeding import derive_seed, seeded_generator
+from lora_optim.state_keys import DRIFT_CHANGE, DRIFT_KEYS, DRIFT_PROBES, DRIFT_REFERENCE
 
 __all__ = ["DRIFT_KEYS", "DriftReport", "init_drift_state", "record_drift_step_", "measure_drift", "probe_weight"]
-
-#: State keys of the probe (all fp64): probes ``X`` (in×k), ``W₀X`` (out×k), ``C_t`` (out×k).
-DRIFT_KEYS = ("drift_probes", "drift_reference", "drift_change")
 
 _PROBE_STREAM = 0x4452  # "DR": separates the probes from the factor draws of the parameter
 _CHUNK_ELEMENTS = 1 << 20
@@ -68,22 +67,21 @@ def init_drift_state(weight: Tensor, count: int, seed: int) -> dict[str, Any]:
     signs = torch.randint(0, 2, (weight.shape[1], count), generator=generator, device=weight.device)
     probes = signs.to(torch.float64).mul_(2).sub_(1)
     return {
-        "drift_probes": probes,
-        "drift_reference": probe_weight(weight, probes),
-        "drift_change": torch.zeros(weight.shape[0], count, dtype=torch.float64, device=weight.device),
+        DRIFT_PROBES: probes,
+        DRIFT_REFERENCE: probe_weight(weight, probes),
+        DRIFT_CHANGE: torch.zeros(weight.shape[0], count, dtype=torch.float64, device=weight.device),
     }
 
 
-def record_drift_step_(state: dict[str, Any], projection: Any, A: Tensor, B: Tensor, dA: Tensor, dB: Tensor,
-                       scale: float) -> None:
+def record_drift_step_(state: dict[str, Any], projection: Projection, change: FactorChange, scale: float) -> None:
     """Add this step's exact change of the probes, ``projection.probe_delta(...)``, to ``drift_change``."""
-    state["drift_change"].add_(projection.probe_delta(A, B, dA, dB, scale, state["drift_probes"]))
+    state[DRIFT_CHANGE].add_(projection.probe_delta(change, scale, state[DRIFT_PROBES]))
 
 
 def measure_drift(weight: Tensor, state: dict[str, Any]) -> DriftReport:
     """:class:`DriftReport` of the matrix ``weight`` against its probe state."""
-    observed = probe_weight(weight, state["drift_probes"])
-    reference, change = state["drift_reference"], state["drift_change"]
+    observed = probe_weight(weight, state[DRIFT_PROBES])
+    reference, change = state[DRIFT_REFERENCE], state[DRIFT_CHANGE]
     expected = reference + change
     error = torch.linalg.norm(observed - expected).item()
     change_norm = torch.linalg.norm(change).item()

@@ -26,7 +26,10 @@ def matrix_shape(shape: tuple[int, ...]) -> tuple[int, int]:
 
 
 def as_matrix(tensor: Tensor) -> Tensor:
-    """Read-only matrix view ``(out, rest)`` of ``tensor`` (a copy if the layout needs one)."""
+    """Read-only matrix view ``(out, rest)`` of ``tensor`` (a copy if the layout needs one); a
+    2-D tensor is returned as it is."""
+    if tensor.ndim == 2:
+        return tensor
     return einops.rearrange(tensor, "o ... -> o (...)")
 
 

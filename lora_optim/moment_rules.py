@@ -28,11 +28,14 @@ Which rule is the default of the ``random`` projection, and why, is in the docs
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from lora_optim.projections.base import MOMENT_KEYS, FactorState
+from lora_optim.state_keys import MOMENT_KEYS, STEP
+
+FactorState = dict[str, Any]  # per-parameter state: tensors and plain ints
 
 __all__ = ["MOMENT_RULES", "apply_moment_rule_"]
 
@@ -45,7 +48,7 @@ def _reset(state: FactorState, old: tuple[Tensor, Tensor], new: tuple[Tensor, Te
     for keys in MOMENT_KEYS.values():
         for key in keys:
             state[key].zero_()
-    state["step"] = 0
+    state[STEP].zero_()  # bias correction starts afresh
 
 
 def _transport(state: FactorState, old: tuple[Tensor, Tensor], new: tuple[Tensor, Tensor]) -> None:

@@ -13,12 +13,14 @@ write. The per-group option ``nonfinite`` decides what to do:
     :meth:`LoRAAdam.step` raises :class:`NonFiniteGradientError` before changing anything at
     all (no parameter of any group is stepped).
 
-The check is on ``G`` itself, not on the projected gradients: that a NaN in ``G`` always
-reaches ``s·G·Bᵀ`` holds only for IEEE products with no zero-skipping, which depends on the
-BLAS and on the projection (a variant may zero or mask entries). Per gradient it is one fused
-reduction, ``torch.aminmax(G)`` (NaN propagates to both results, ``+Inf`` shows in the max and
-``−Inf`` in the min; unlike a sum it cannot overflow, so there are no false alarms), and the
-results of all gradients on a device are read back together: one host sync per device per step.
+What is checked, for every parameter that has a gradient this step: ``G`` itself (not only the
+projected gradients: that a NaN in ``G`` reaches ``s·G·Bᵀ`` holds only for IEEE products with
+no zero-skipping, which depends on the BLAS and on the projection), the factor gradients, and
+the factors' Adam moments (a state that overflowed earlier must not reach ``W``). Each list of
+tensors of one device and dtype costs one fused reduction, ``torch._foreach_norm(·, inf)`` (the
+largest magnitude: NaN propagates, ``±Inf`` shows, and unlike a sum it cannot overflow, so there
+are no false alarms), and all answers of a device are read back together by
+:class:`FiniteCheck`: one host sync per device per step, whatever the number of parameters.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ __all__ = [
     "NONFINITE_POLICIES",
     "NonFiniteGradientWarning",
     "NonFiniteGradientError",
-    "validate_policy",
+    "FiniteCheck",
     "finite_flags",
     "warn_skipped",
 ]
@@ -50,12 +52,6 @@ class NonFiniteGradientWarning(RuntimeWarning):
 
 class NonFiniteGradientError(FloatingPointError):
     """A gradient held a NaN or an Inf in a group with ``nonfinite="raise"``; nothing was changed."""
-
-
-def validate_policy(value: object) -> None:
-    """``ValueError`` naming the option and the value unless ``value`` is one of :data:`NONFINITE_POLICIES`."""
-    if not isinstance(value, str) or value not in NONFINITE_POLICIES:
-        raise ValueError(f"Invalid nonfinite: {value!r}; must be one of {NONFINITE_POLICIES}")
 
 
 _INTERNAL_DIRS = tuple(
@@ -73,16 +69,61 @@ def warn_skipped(message: str) -> None:
     warnings.warn(message, NonFiniteGradientWarning, stacklevel=level)
 
 
+class FiniteCheck:
+    """Collects the tensors a step must check and answers with one host read per device.
+
+    ``add(key, tensors)`` registers tensors under a hashable ``key`` (a key is finite if all its
+    tensors are); ``add_flag(key, ok)`` registers a 0-dim bool tensor computed elsewhere on the
+    device (e.g. ``found_inf == 0`` of a ``GradScaler``). :meth:`read` then runs one
+    ``torch._foreach_norm(·, inf)`` per list of one device and dtype and copies the device's
+    answers to the host in one transfer: the only host sync of the check.
+    """
+
+    def __init__(self) -> None:
+        self._tensors: dict[tuple[torch.device, torch.dtype], list[tuple[object, Tensor]]] = {}
+        self._flags: dict[torch.device, list[tuple[object, Tensor]]] = {}
+        self._keys: list[object] = []
+
+    def add(self, key: object, tensors: Sequence[Tensor]) -> None:
+        """Check ``tensors`` (any shapes, devices, float dtypes) under ``key``."""
+        self._keys.append(key)
+        for tensor in tensors:
+            if tensor.numel():
+                self._tensors.setdefault((tensor.device, tensor.dtype), []).append((key, tensor.detach()))
+
+    def add_flag(self, key: object, ok: Tensor) -> None:
+        """``key`` is finite only if the 0-dim bool tensor ``ok`` is true."""
+        self._keys.append(key)
+        self._flags.setdefault(ok.device, []).append((key, ok.reshape(1)))
+
+    def read(self) -> dict[object, bool]:
+        """``{key: all finite}`` for every key added; one host transfer per device."""
+        result = {key: True for key in self._keys}
+        per_device: dict[torch.device, tuple[list[object], list[Tensor]]] = {}
+        for (device, _), entries in self._tensors.items():
+            keys, answers = per_device.setdefault(device, ([], []))
+            norms = torch._foreach_norm([tensor for _, tensor in entries], float("inf"))
+            keys.extend(key for key, _ in entries)
+            answers.append(torch.stack(norms).isfinite())
+        for device, entries in self._flags.items():
+            keys, answers = per_device.setdefault(device, ([], []))
+            keys.extend(key for key, _ in entries)
+            answers.append(torch.cat([ok for _, ok in entries]))
+        for keys, answers in per_device.values():
+            joined = answers[0] if len(answers) == 1 else torch.cat(answers)
+            # The one device-to-host read of the step (a copy even on the CPU, so it is visible
+            # to a TorchDispatchMode counting syncs).
+            for key, ok in zip(keys, joined.to("cpu", copy=True).tolist()):
+                if not ok:
+                    result[key] = False
+        return result
+
+
 def finite_flags(tensors: Sequence[Tensor]) -> list[bool]:
-    """``[t has only finite entries for t in tensors]`` with one reduction per tensor and one
-    host sync per device (empty tensors are finite)."""
-    flags: list[bool] = [True] * len(tensors)
-    by_device: dict[torch.device, list[int]] = {}
+    """``[t has only finite entries for t in tensors]``: one fused reduction per device and dtype,
+    one host read per device (empty tensors are finite)."""
+    check = FiniteCheck()
     for index, tensor in enumerate(tensors):
-        if tensor.numel():
-            by_device.setdefault(tensor.device, []).append(index)
-    for indices in by_device.values():
-        extremes = torch.stack([torch.stack(torch.aminmax(tensors[i].detach())).double() for i in indices])
-        for i, ok in zip(indices, torch.isfinite(extremes).all(dim=1).tolist()):
-            flags[i] = ok
-    return flags
+        check.add(index, [tensor])
+    flags = check.read()
+    return [flags[index] for index in range(len(tensors))]

@@ -1,52 +1,56 @@
 """``LoRAAdam``: optimizer-side LoRA.
 
 The optimizer receives the full gradient ``G = ∂L/∂W`` of each weight matrix, projects it onto
-low-rank factors with a :class:`~lora_optim.projections.Projection`, runs Adam
-(:mod:`lora_optim.adam`) on the factors only, and writes the factor step back into ``W`` in
-place (:mod:`lora_optim.precision`). The model graph is never touched.
+low-rank factors with a :class:`~lora_optim.projections.Projection`, runs Adam on the factors
+only, and writes the factor step back into ``W`` in place (:mod:`lora_optim.precision`). The
+model graph is never touched.
 
-This class only does bookkeeping: validation, param groups, lazy per-parameter state and a short
-loop. The math lives in the modules above.
+This class does bookkeeping only: it validates options (:mod:`lora_optim.option_table`), keeps
+param groups and lazy per-parameter state (:mod:`lora_optim.state_keys`), gathers each step's
+parameters into lists and hands them to the step engine (:mod:`lora_optim.engine`), which does
+the math. Gradient modes plug in from outside through :meth:`LoRAAdam.register_grad_mode` and the
+two ``accumulate_*`` methods; this module imports none of them.
 """
 
 from __future__ import annotations
 
-import math
-import numbers
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor
+from torch.utils.hooks import RemovableHandle
 
-from lora_optim import accumulation
-from lora_optim.activation import ActivationSide
-from lora_optim.adam import adamw_delta, adamw_step_
+from lora_optim import accumulation, engine
 from lora_optim.checkpoint import check_loadable
-from lora_optim.drift import DRIFT_KEYS, DriftReport, init_drift_state, measure_drift, record_drift_step_
-from lora_optim.matrix import as_matrix, matrix_shape, writable_matrix
-from lora_optim.nonfinite import NonFiniteGradientError, finite_flags, validate_policy, warn_skipped
-from lora_optim.per_layer import PerLayerStep
+from lora_optim.drift import DriftReport, init_drift_state, measure_drift
+from lora_optim.grad_mode import GradMode
+from lora_optim.matrix import as_matrix, matrix_shape
+from lora_optim.nonfinite import warn_skipped
+from lora_optim.option_table import (
+    COMMON_OPTIONS,
+    all_option_defaults,
+    check_option_names,
+    validate_group,
+)
 from lora_optim.precision import default_precision, factor_dtype, get_writer
-from lora_optim.projections import Projection, get_projection, projection_option_defaults
-from lora_optim.projections.base import MOMENT_KEYS
+from lora_optim.projections import Projection, get_projection
+from lora_optim.projections import projection_options as registered_projection_options
 from lora_optim.seeding import derive_seed
-from lora_optim.weight_change import WeightChange
-
-__all__ = ["LoRAAdam"]
-
-_COMMON_DEFAULTS = (
-    "lr", "rank", "alpha", "projection", "betas", "eps", "weight_decay", "seed", "precision", "nonfinite",
-    "drift_probes",
+from lora_optim.state_keys import (
+    ACCUMULATED_GRAD_A,
+    ACCUMULATION,
+    EXP_AVG,
+    EXP_AVG_SQ,
+    MOMENT_KEYS,
+    NONFINITE_SKIPS,
+    RANK,
+    SEED,
+    STEP,
 )
 
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _is_real(value: object) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+__all__ = ["LoRAAdam"]
 
 
 class LoRAAdam(torch.optim.Optimizer):
@@ -66,13 +70,20 @@ class LoRAAdam(torch.optim.Optimizer):
     factors and two Adam moments per factor: ``3·r·(out+in)`` numbers instead of AdamW's
     ``2·out·in``.
 
-    Parameters with fewer than 2 dims, and every parameter of a group with ``rank=None``, get
-    plain AdamW with the group's settings (bit for bit ``torch.optim.AdamW(foreach=False)``).
+    Parameters with fewer than 2 dims, with a zero-size dim, and every parameter of a group with
+    ``rank=None``, get plain AdamW with the group's settings (bit for bit
+    ``torch.optim.AdamW(fused=True)``: the same kernel).
+
+    A step runs as lists (:mod:`lora_optim.engine`): one fused Adam call for all factors of a
+    group and device, a few ops per matrix, and one host sync for the NaN/Inf check of the whole
+    step. ``torch.amp.GradScaler`` drives it through its optimizer contract
+    (``_step_supports_amp_scaling``): the scale is divided out inside the fused Adam call, and
+    a step the scaler finds an Inf in changes nothing.
 
     Args:
         params: parameters or param groups (dicts), as for any ``torch.optim.Optimizer``. Any
-            option below may be set per group.
-        lr: learning rate.
+            option below may be set per group; a key that is not an option raises.
+        lr: learning rate (a float, or a one-element tensor).
         rank: factor rank ``r`` (an int ≥ 1), or ``None`` for plain AdamW. A matrix smaller than
             the rank uses ``min(r, out, in)``, recorded in its state as ``"rank"``.
         alpha: scale numerator, ``s = alpha / rank`` (PEFT's meaning; the configured ``rank`` is
@@ -82,9 +93,9 @@ class LoRAAdam(torch.optim.Optimizer):
             ``"additive"`` (``ΔW_ij = A_{i, j mod r} + B_{i mod r, j}``); see
             :func:`lora_optim.available_projections`.
         betas: Adam's ``(β1, β2)``, each in ``[0, 1)``.
-        eps: added to ``√v̂``; > 0.
+        eps: added to ``√v̂``; a finite number > 0.
         weight_decay: decoupled weight decay on the factors (dense parameters: on the weight),
-            as ``torch.optim.AdamW``; ≥ 0.
+            as ``torch.optim.AdamW``; a finite number ≥ 0.
         seed: int seed of every random draw (factor inits, redraws). Combined with each
             parameter's position in the optimizer; torch's global RNG is never used.
         precision: how steps are written into ``W``: ``"nearest"``, ``"compensated"`` (Kahan
@@ -96,7 +107,11 @@ class LoRAAdam(torch.optim.Optimizer):
         drift_probes: number of random probe vectors of the drift check (:mod:`lora_optim.drift`,
             :meth:`drift`); ``0`` (default) turns it off at no cost.
         **projection_options: options of the projections, e.g. ``init="symmetric"`` (``lora``),
-            ``resample_every=1`` and ``moment_rule="keep"`` (``random``).
+            ``resample_every=1`` and ``moment_rule="keep"`` (``random``). An option must belong
+            to the projection of at least one group.
+
+    Values are normalised when validated (NumPy scalars become ``int``/``float``), so the
+    optimizer state always loads with ``torch.load(..., weights_only=True)``.
 
     Example::
 
@@ -108,10 +123,14 @@ class LoRAAdam(torch.optim.Optimizer):
             opt.zero_grad()
     """
 
+    # GradScaler passes its scale and found_inf to step() instead of unscaling p.grad itself,
+    # which is the only way the per-layer and activation-side sums can be unscaled.
+    _step_supports_amp_scaling = True
+
     def __init__(
         self,
         params: Iterable[Tensor] | Iterable[dict[str, Any]],
-        lr: float = 1e-3,
+        lr: float | Tensor = 1e-3,
         *,
         rank: int | None = 8,
         alpha: float | None = None,
@@ -125,312 +144,342 @@ class LoRAAdam(torch.optim.Optimizer):
         drift_probes: int = 0,
         **projection_options: Any,
     ) -> None:
-        option_defaults = projection_option_defaults()
-        unknown = sorted(set(projection_options) - set(option_defaults))
-        if unknown:
-            raise TypeError(
-                f"LoRAAdam got unexpected keyword argument(s) {unknown}; projection options are "
-                f"{sorted(option_defaults)}"
+        check_option_names(projection_options, where="LoRAAdam")
+        common = dict(lr=lr, rank=rank, alpha=alpha, projection=projection, betas=betas, eps=eps,
+                      weight_decay=weight_decay, seed=seed, precision=precision, nonfinite=nonfinite,
+                      drift_probes=drift_probes)
+        common = {name: COMMON_OPTIONS[name].validate(value) for name, value in common.items()}
+        declared = registered_projection_options()
+        projection_options = {name: declared[name][0].validate(value) for name, value in projection_options.items()}
+        self._grad_modes: OrderedDict[int, GradMode] = OrderedDict()  # weak-referenceable, for the handles
+        self._index: dict[int, tuple[int, int, int]] = {}
+        super().__init__(params, {**all_option_defaults(), **common, **projection_options})
+        used = {option.name for group in self.param_groups for option in get_projection(group["projection"]).options}
+        unused = sorted(set(projection_options) - used)
+        if unused:
+            owners = {name: list(declared[name][1]) for name in unused}
+            raise ValueError(
+                f"Invalid option(s) {unused}: options of projection(s) {owners}, and no param group uses them "
+                f"(projections in use: {sorted({group['projection'] for group in self.param_groups})})"
             )
-        defaults = dict(
-            option_defaults,
-            lr=lr, rank=rank, alpha=alpha, projection=projection, betas=betas, eps=eps,
-            weight_decay=weight_decay, seed=seed, precision=precision, nonfinite=nonfinite,
-            drift_probes=drift_probes, **projection_options,
-        )
-        super().__init__(params, defaults)
-        # Per-layer / activation-side handles (hooks, not state): told about step and zero_grad.
-        self._grad_modes: list[Any] = []
 
     # ------------------------------------------------------------------ groups and validation
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a param group (validated; on error the optimizer is left as it was)."""
-        if isinstance(param_group, Mapping) and "params" in param_group:
-            params = param_group["params"]
-            if isinstance(params, (list, tuple)) and len(params) == 0:
-                raise ValueError("a param group has no params ('params' is empty)")
-            self._check_not_in_other_groups(params)
-        super().add_param_group(param_group)
-        group = self.param_groups[-1]
-        try:
-            self._validate_group(group)
-        except (ValueError, TypeError):
-            self.param_groups.pop()
-            raise
+        """Add a param group, validated against the option table (:mod:`lora_optim.option_table`).
 
-    def _validate_group(self, group: dict[str, Any]) -> None:
-        if not group["params"]:
+        Raises ``TypeError``/``ValueError`` naming the option or parameter for a bad group, an
+        unknown key, or an option of a projection the group does not use; the optimizer (and
+        the dict passed in) are then left as they were.
+        """
+        if not isinstance(param_group, Mapping):
+            raise TypeError(f"a param group must be a dict, got {type(param_group).__name__}")
+        if "params" not in param_group:
+            raise ValueError("a param group must have a 'params' entry")
+        explicit = set(param_group) - {"params"}
+        known = set(COMMON_OPTIONS) | set(registered_projection_options())
+        unknown = sorted(explicit - known)
+        if unknown:
+            raise ValueError(f"Invalid param group: unknown key(s) {unknown}; the options are {sorted(known)}")
+        param_group = dict(param_group)
+        params = param_group["params"]
+        if isinstance(params, Tensor):
+            params = [params]
+        elif isinstance(params, (set, frozenset)):
+            raise TypeError("optimizer parameters need to be organized in ordered collections, but the ordering "
+                            "of tensors in sets will change between runs; use a list instead")
+        else:
+            params = list(params)
+        if not params:
             raise ValueError("a param group has no params ('params' is empty)")
-        for p in group["params"]:
-            if not (p.is_floating_point()):
+        for p in params:
+            if not isinstance(p, Tensor):
+                raise TypeError(f"Invalid params: LoRAAdam can only optimize Tensors, got {type(p).__name__}")
+            if not p.is_floating_point():
                 raise TypeError(
                     f"Invalid params: LoRAAdam trains real floating-point parameters; got one of shape "
                     f"{tuple(p.shape)} and dtype {p.dtype}"
                 )
-        lr = group["lr"]
-        if isinstance(lr, Tensor):
-            if lr.numel() != 1:
-                raise ValueError(f"lr as a Tensor must have one element, got shape {tuple(lr.shape)}")
-            lr = lr.item()
-        if not _is_real(lr) or not lr >= 0.0:
-            raise ValueError(f"Invalid learning rate (lr): {group['lr']!r}; must be a number >= 0")
-        betas = group["betas"]
-        if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
-            raise ValueError(f"Invalid betas: {betas!r}; must be a pair (beta1, beta2)")
-        for index, beta in enumerate(betas):
-            if not _is_real(beta) or not 0.0 <= beta < 1.0:
-                raise ValueError(f"Invalid beta parameter at index {index} (betas={betas!r}): {beta!r}; must be in [0, 1)")
-        group["betas"] = tuple(float(b) for b in betas)
-        if not _is_real(group["eps"]) or not group["eps"] > 0.0:
-            raise ValueError(f"Invalid epsilon (eps): {group['eps']!r}; must be > 0")
-        if not _is_real(group["weight_decay"]) or not group["weight_decay"] >= 0.0:
-            raise ValueError(f"Invalid weight_decay: {group['weight_decay']!r}; must be >= 0")
-        rank = group["rank"]
-        if rank is not None and (not _is_int(rank) or rank < 1):
-            raise ValueError(f"Invalid rank: {rank!r}; must be an int >= 1 or None")
-        alpha = group["alpha"]
-        if alpha is not None and (not _is_real(alpha) or not alpha > 0 or not math.isfinite(alpha)):
-            raise ValueError(f"Invalid alpha: {alpha!r}; must be a finite number > 0 or None")
-        seed = group["seed"]
-        if not _is_int(seed) or seed < 0:
-            raise ValueError(f"Invalid seed: {seed!r}; must be an int >= 0")
-        if group["precision"] is not None:
-            get_writer(group["precision"])
-        validate_policy(group["nonfinite"])
-        probes = group["drift_probes"]
-        if not _is_int(probes) or probes < 0:
-            raise ValueError(f"Invalid drift_probes: {probes!r}; must be an int >= 0 (0 turns the drift check off)")
-        projection = get_projection(group["projection"])
-        for name, default in projection.options.items():
-            group.setdefault(name, default)
-        projection.validate_options(group)
-
-    def _check_not_in_other_groups(self, params: Iterable[Any]) -> None:
-        # torch's own check says only "some parameters appear in more than one parameter group".
-        for p in params if isinstance(params, (list, tuple)) else ():
             for index, group in enumerate(self.param_groups):
                 if any(q is p for q in group["params"]):
                     raise ValueError(
                         f"Invalid params: a parameter of shape {tuple(p.shape)} appears in more than one parameter "
                         f"group (already in group {index})"
                     )
+        param_group["params"] = params
+        super().add_param_group(param_group)
+        try:
+            validate_group(self.param_groups[-1], explicit)
+        except (ValueError, TypeError):
+            self.param_groups.pop()
+            raise
+        self._index.clear()
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        self.__dict__.setdefault("_grad_modes", [])
+        self.__dict__.setdefault("_grad_modes", OrderedDict())
+        self.__dict__.setdefault("_index", {})
         # Back-fill options added after a checkpoint was written.
         for group in self.param_groups:
-            for name in _COMMON_DEFAULTS:
-                group.setdefault(name, self.defaults.get(name))
-            for name, default in get_projection(group["projection"]).options.items():
-                group.setdefault(name, default)
+            for name, option in COMMON_OPTIONS.items():
+                group.setdefault(name, self.defaults.get(name, option.default))
+            for option in get_projection(group["projection"]).options:
+                group.setdefault(option.name, self.defaults.get(option.name, option.default))
 
-    # ------------------------------------------------------------------ state
+    # ------------------------------------------------------------------ parameters
+
+    def _locate(self, p: Tensor) -> tuple[int, int, int]:
+        """``(group index, index in the group, index in the optimizer)`` of ``p``."""
+        found = self._index.get(id(p))
+        if found is not None:
+            group_index, position, _ = found
+            params = self.param_groups[group_index]["params"] if group_index < len(self.param_groups) else ()
+            if position < len(params) and params[position] is p:
+                return found
+        self._index.clear()
+        index = 0
+        for group_index, group in enumerate(self.param_groups):
+            for position, q in enumerate(group["params"]):
+                self._index[id(q)] = (group_index, position, index)
+                index += 1
+        found = self._index.get(id(p))
+        if found is None or self.param_groups[found[0]]["params"][found[1]] is not p:
+            raise ValueError(f"the tensor of shape {tuple(p.shape)} is not a parameter of this optimizer")
+        return found
+
+    def _group_of(self, p: Tensor) -> dict[str, Any]:
+        return self.param_groups[self._locate(p)[0]]
+
+    def _name(self, p: Tensor) -> str:
+        group_index, _, index = self._locate(p)
+        return f"parameter {index} (group {group_index}, shape {tuple(p.shape)})"
 
     @staticmethod
-    def _is_low_rank(p: Tensor, group: Mapping[str, Any]) -> bool:
-        return group["rank"] is not None and p.ndim >= 2
+    def _trains_low_rank(p: Tensor, group: Mapping[str, Any]) -> bool:
+        return group["rank"] is not None and p.ndim >= 2 and p.numel() > 0
+
+    def is_low_rank(self, p: Tensor) -> bool:
+        """Whether parameter ``p`` is trained through factors (a matrix with no zero-size dim in a
+        group with a rank), rather than by plain AdamW. ``ValueError`` if ``p`` is not ours."""
+        return self._trains_low_rank(p, self._group_of(p))
+
+    def _state(self, p: Tensor, group: Mapping[str, Any]) -> dict[str, Any]:
+        """The state of ``p``, created at first use (as normal tensors, even inside
+        ``torch.inference_mode()``, so later steps can update them)."""
+        state = self.state[p]
+        if state:
+            return state
+        with torch.inference_mode(False), torch.no_grad():
+            fresh: dict[str, Any] = {STEP: torch.zeros((), dtype=torch.float32, device=p.device), NONFINITE_SKIPS: 0}
+            if not self._trains_low_rank(p, group):
+                fresh[EXP_AVG] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                fresh[EXP_AVG_SQ] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            else:
+                out_features, in_features = matrix_shape(p.shape)
+                rank = min(group["rank"], out_features, in_features)
+                dtype = factor_dtype(p.dtype)
+                seed = derive_seed(group["seed"], self._locate(p)[2])
+                shapes = {"A": (out_features, rank), "B": (rank, in_features)}
+                fresh.update({RANK: rank, SEED: seed})
+                for factor, keys in MOMENT_KEYS.items():
+                    for key in keys:
+                        fresh[key] = torch.zeros(shapes[factor], dtype=dtype, device=p.device)
+                weight = as_matrix(p.detach())
+                fresh.update(get_projection(group["projection"]).init_state(weight, rank, seed, dtype, group))
+                fresh.update(get_writer(self._precision(p, group)).init_state(weight, seed))
+                if group["drift_probes"]:
+                    fresh.update(init_drift_state(weight, group["drift_probes"], seed))
+        state.update(fresh)
+        return state
+
+    @staticmethod
+    def _precision(p: Tensor, group: Mapping[str, Any]) -> str:
+        return group["precision"] if group["precision"] is not None else default_precision(p.dtype)
 
     @staticmethod
     def _scale(group: Mapping[str, Any]) -> float:
         alpha = group["alpha"] if group["alpha"] is not None else group["rank"]
         return float(alpha) / group["rank"]
 
-    def _position(self, p: Tensor) -> int:
-        position = 0
-        for group in self.param_groups:
-            for q in group["params"]:
-                if q is p:
-                    return position
-                position += 1
-        raise ValueError("the tensor is not a parameter of this optimizer")
+    @staticmethod
+    def _hyper(group: Mapping[str, Any]) -> engine.AdamHyper:
+        beta1, beta2 = group["betas"]
+        return engine.AdamHyper(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+                                weight_decay=group["weight_decay"])
 
-    def _group_of(self, p: Tensor) -> dict[str, Any]:
-        for group in self.param_groups:
-            if any(q is p for q in group["params"]):
-                return group
-        raise ValueError("the tensor is not a parameter of this optimizer")
+    # ------------------------------------------------------------------ gradient modes
 
-    def _precision(self, p: Tensor, group: Mapping[str, Any]) -> str:
-        return group["precision"] if group["precision"] is not None else default_precision(p.dtype)
+    def register_grad_mode(self, mode: GradMode) -> RemovableHandle:
+        """Register a gradient mode (:class:`~lora_optim.grad_mode.GradMode`): ``step()`` calls its
+        ``before_step()`` and ``zero_grad()`` its ``after_zero_grad(set_to_none)``. Returns a
+        handle whose ``remove()`` unregisters it."""
+        if not isinstance(mode, GradMode):
+            raise TypeError(f"a grad mode needs before_step() and after_zero_grad(set_to_none); got {mode!r}")
+        handle = RemovableHandle(self._grad_modes)
+        self._grad_modes[handle.id] = mode
+        return handle
 
-    def _state(self, p: Tensor, group: Mapping[str, Any]) -> dict[str, Any]:
-        state = self.state[p]
-        if state:
-            return state
-        if not self._is_low_rank(p, group):
-            state["step"] = 0
-            state["nonfinite_skips"] = 0
-            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            return state
+    @property
+    def grad_modes(self) -> tuple[GradMode, ...]:
+        """The registered gradient modes, in registration order."""
+        return tuple(self._grad_modes.values())
+
+    def _low_rank_target(self, p: Tensor, what: str) -> tuple[dict[str, Any], dict[str, Any], Projection]:
+        group = self._group_of(p)
+        if not self._trains_low_rank(p, group):
+            raise ValueError(f"{what}: {self._name(p)} is trained by plain AdamW (rank=None, ndim < 2 or a zero-size "
+                             "dim); its gradient belongs in p.grad")
+        return group, self._state(p, group), get_projection(group["projection"])
+
+    @torch.no_grad()
+    def accumulate_grad_(self, p: Tensor, grad: Tensor) -> None:
+        """Project one piece of ``p``'s gradient now and add it to ``p``'s projected-gradient sums,
+        as autograd would add it to ``p.grad``; ``grad`` may be freed right after.
+
+        The next ``step()`` steps ``p`` with the sums (exact: projections are linear and the
+        factors do not change before the step; :mod:`lora_optim.accumulation`). ``grad`` is not
+        changed. This is the per-layer mode's entry point (:mod:`lora_optim.per_layer`); any hook
+        may call it. ``ValueError`` if ``p`` is trained densely; ``TypeError`` for a sparse
+        ``grad``.
+        """
+        group, state, projection = self._low_rank_target(p, "accumulate_grad_")
+        if tuple(grad.shape) != tuple(p.shape):
+            raise ValueError(f"accumulate_grad_: {self._name(p)} got a gradient of shape {tuple(grad.shape)}")
+        accumulation.add_piece_(state, *engine.project_piece(projection, state, group, grad))
+
+    @torch.no_grad()
+    def accumulate_activation_grad_(self, p: Tensor, inputs: Tensor, output_grads: Tensor) -> None:
+        """Add the factor gradients of one use of a linear layer with weight ``p`` to ``p``'s
+        projected-gradient sums, from its input ``X`` (``...×in``) and output gradient ``δY``
+        (``...×out``), without forming ``G = δYᵀX`` (:mod:`lora_optim.activation`)."""
+        group, state, projection = self._low_rank_target(p, "accumulate_activation_grad_")
         out_features, in_features = matrix_shape(p.shape)
-        rank = min(group["rank"], out_features, in_features)
-        dtype = factor_dtype(p.dtype)
-        seed = derive_seed(group["seed"], self._position(p))
-        shapes = {"A": (out_features, rank), "B": (rank, in_features)}
-        state.update(step=0, rank=rank, seed=seed, nonfinite_skips=0)
-        for factor, keys in MOMENT_KEYS.items():
-            for key in keys:
-                state[key] = torch.zeros(shapes[factor], dtype=dtype, device=p.device)
-        weight = as_matrix(p.detach())
-        state.update(get_projection(group["projection"]).init_state(weight, rank, seed, dtype, group))
-        state.update(get_writer(self._precision(p, group)).init_state(weight, seed))
-        if group.get("drift_probes", 0):
-            state.update(init_drift_state(weight, group["drift_probes"], seed))
-        return state
+        if inputs.shape[-1] != in_features or output_grads.shape[-1] != out_features:
+            raise ValueError(
+                f"accumulate_activation_grad_: {self._name(p)} expects inputs (..., {in_features}) and output "
+                f"gradients (..., {out_features}); got {tuple(inputs.shape)} and {tuple(output_grads.shape)}"
+            )
+        accumulation.add_piece_(state, *engine.project_activation_piece(projection, state, group, inputs, output_grads))
 
     # ------------------------------------------------------------------ stepping
 
+    def _gather(self) -> tuple[list[engine.DenseBatch], list[engine.LowRankBatch], list[dict[str, Any]]]:
+        """This step's batches, and the states whose projected sums it uses. Raises ``TypeError``
+        for a sparse gradient before creating any state."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None and p.grad.layout != torch.strided:
+                    raise TypeError(f"Invalid gradient: LoRAAdam does not support sparse gradients; {self._name(p)} "
+                                    f"has a gradient with layout {p.grad.layout}")
+        dense: dict[tuple, engine.DenseBatch] = {}
+        lowrank: dict[tuple, engine.LowRankBatch] = {}
+        consumed: list[dict[str, Any]] = []
+        for group_index, group in enumerate(self.param_groups):
+            hyper = self._hyper(group)
+            for p in group["params"]:
+                existing = self.state.get(p)
+                sums = accumulation.open_sums(existing) if existing else None
+                if p.grad is None and sums is None:
+                    continue
+                state = self._state(p, group)
+                name = self._name(p)
+                if not self._trains_low_rank(p, group):
+                    batch = dense.setdefault((group_index, p.device, p.dtype), engine.DenseBatch(hyper))
+                    batch.params.append(p)
+                    batch.grads.append(p.grad)
+                    batch.states.append(state)
+                    batch.names.append(name)
+                    batch.policies.append(group["nonfinite"])
+                    continue
+                projection = get_projection(group["projection"])
+                if sums is not None:
+                    if p.grad is not None:  # a plain backward mixed into an accumulation: one more piece
+                        accumulation.add_piece_(state, *engine.project_piece(projection, state, group, p.grad))
+                    consumed.append(state)
+                factors = state[MOMENT_KEYS["A"][0]]
+                key = (group_index, factors.device, factors.dtype)
+                batch = lowrank.get(key)
+                if batch is None:
+                    batch = lowrank[key] = engine.LowRankBatch(projection, group, self._scale(group), hyper)
+                batch.items.append(engine.LowRankItem(
+                    param=p, state=state, name=name, policy=group["nonfinite"],
+                    writer=get_writer(self._precision(p, group)),
+                    grad=p.grad if sums is None else None, sums=sums,
+                ))
+        return list(dense.values()), list(lowrank.values()), consumed
+
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        """One optimizer step over every parameter with a gradient.
+        """One optimizer step of every parameter with a gradient (``p.grad``, or the projected sums of
+        the per-layer and activation-side modes); see :mod:`lora_optim.engine`.
 
-        ``closure`` (optional) re-evaluates the model and returns the loss; it runs with
-        gradients enabled. ``p.grad`` is read, never modified.
+        Returns the closure's loss, if a closure is given (it runs with gradients enabled).
         """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        # Every gradient is checked before anything changes (sparse: error; NaN/Inf: error or skip).
-        finite = self._screen_gradients()
-        # Projected gradients summed by the per-layer / activation-side modes (see
-        # lora_optim.accumulation); those parameters are done.
-        stepped = accumulation.finish_all_(self)
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None and id(p) not in stepped:
-                    self._step_param(p, group, p.grad, finite=finite[id(p)])
-        for mode in self._grad_modes:
-            mode.after_step()
+        for mode in tuple(self._grad_modes.values()):
+            mode.before_step()
+        # Set by torch.amp.GradScaler.step() for optimizers with _step_supports_amp_scaling.
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+        dense, lowrank, consumed = self._gather()
+        if consumed and (hasattr(self, "found_inf") or hasattr(self, "grad_scale")):
+            self._check_scaler_sees_something(grad_scale, found_inf, dense)
+        report = engine.step_(dense, lowrank, grad_scale=grad_scale,
+                              found_inf=found_inf if isinstance(found_inf, Tensor) else None)
+        for state in consumed:
+            accumulation.consume_(state)
+        for name, state, cause in report.skipped:
+            state[NONFINITE_SKIPS] = state.get(NONFINITE_SKIPS, 0) + 1
+            # Same text every time for a parameter, so the default filter shows it once per
+            # parameter; nonfinite_skips() counts them all.
+            warn_skipped(f"LoRAAdam skipped a step of {name}: {cause} (count: opt.nonfinite_skips(p))")
         return loss
 
+    @staticmethod
+    def _check_scaler_sees_something(grad_scale: Tensor | None, found_inf: Any, dense: list) -> None:
+        """Refuse, before anything changes, the two GradScaler uses the projected sums cannot follow."""
+        if grad_scale is None:
+            raise RuntimeError(
+                "GradScaler.unscale_(optimizer) was called, but the per-layer / activation-side projected gradient "
+                "sums are not gradients it can unscale, so this step would use scaled sums; nothing was changed. "
+                "Do not call scaler.unscale_() with these modes (clip the projected gradients instead, or use bf16 "
+                "autocast, which needs no GradScaler)."
+            )
+        if not isinstance(found_inf, Tensor):
+            raise RuntimeError(
+                "GradScaler found no gradient to check: every gradient of this step went to the per-layer / "
+                "activation-side projected sums, which it cannot see, and GradScaler.update() would fail with 'No "
+                "inf checks were recorded'. Nothing was changed. Train at least one parameter densely (a bias, a norm, "
+                "a head), or use bf16 autocast, which needs no GradScaler."
+            )
+
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Reset the gradients, as ``torch.optim.Optimizer.zero_grad``, and the projected
-        gradients summed since the last step by the per-layer / activation-side modes
-        (:mod:`lora_optim.accumulation`): what a plain backward would have left in ``p.grad``."""
+        """Reset the gradients, as ``torch.optim.Optimizer.zero_grad``, and the projected gradient
+        sums of the per-layer and activation-side modes (:mod:`lora_optim.accumulation`): with
+        ``set_to_none=False`` a parameter that had a gradient keeps a zero one, and steps."""
         super().zero_grad(set_to_none)
-        accumulation.discard_all_(self, set_to_none)
-        for mode in self._grad_modes:
+        for state in self.state.values():
+            if ACCUMULATION in state:
+                (accumulation.clear_ if set_to_none else accumulation.zero_)(state)
+        for mode in tuple(self._grad_modes.values()):
             mode.after_zero_grad(set_to_none)
 
-    def enable_per_layer(self, accumulation_steps: int = 1) -> PerLayerStep:
-        """Step every parameter inside ``backward`` as soon as its gradient is complete, then free
-        the gradient, so at most one layer's full gradient is alive (:mod:`lora_optim.per_layer`).
+    def enable_per_layer(self):
+        """Project each low-rank gradient inside ``backward`` and free it at once
+        (:class:`lora_optim.per_layer.PerLayerStep`); returns its handle."""
+        from lora_optim.per_layer import PerLayerStep  # the entry point only: the class needs no mode
 
-        ``accumulation_steps`` micro-batches are summed (projected, for low-rank parameters)
-        before a parameter steps; ``step()`` completes a shorter accumulation. Returns a handle
-        whose ``remove()`` turns the mode off. Results equal the plain mode's.
-        """
-        return PerLayerStep(self, accumulation_steps)
+        return PerLayerStep(self)
 
-    def attach(self, model: torch.nn.Module) -> ActivationSide:
-        """Form the factor gradients of ``model``'s ``nn.Linear`` weights from the layers' inputs
-        and output gradients, so the dense weight gradient ``G`` is never computed
-        (:mod:`lora_optim.activation`). The weights get ``requires_grad=False`` until the
-        returned handle's ``detach()``; other low-rank parameters keep the ``G`` path (warning).
-        ``step()`` takes the factor step; results equal the plain mode's.
-        """
+    def attach(self, model: torch.nn.Module):
+        """Form the factor gradients of ``model``'s ``nn.Linear`` weights from the layers' inputs and
+        output gradients (:class:`lora_optim.activation.ActivationSide`); returns its handle."""
+        from lora_optim.activation import ActivationSide  # the entry point only: the class needs no mode
+
         return ActivationSide(self, model)
-
-    def _screen_gradients(self) -> dict[int, bool]:
-        """``{id(p): grad is finite}`` for every parameter with a gradient, read with one reduction
-        per gradient (:func:`lora_optim.nonfinite.finite_flags`). Raises before any change:
-        ``TypeError`` for a sparse gradient, :class:`NonFiniteGradientError` for a non-finite one
-        in a group with ``nonfinite="raise"``."""
-        entries = []
-        for index, (group_index, group, p) in enumerate(
-            (i, group, p) for i, group in enumerate(self.param_groups) for p in group["params"]
-        ):
-            if p.grad is None:
-                continue
-            if p.grad.layout != torch.strided:
-                raise TypeError(
-                    f"Invalid gradient: LoRAAdam does not support sparse gradients; parameter {index} (group "
-                    f"{group_index}, shape {tuple(p.shape)}) has a grad with layout {p.grad.layout}"
-                )
-            entries.append((f"parameter {index} (group {group_index}, shape {tuple(p.shape)})", group, p))
-        flags = finite_flags([p.grad for _, _, p in entries])
-        refused = [where for (where, group, _), ok in zip(entries, flags) if not ok and group["nonfinite"] == "raise"]
-        if refused:
-            raise NonFiniteGradientError(
-                f"non-finite gradient (NaN or Inf) in {', '.join(refused)} with nonfinite='raise'; nothing was changed"
-            )
-        return {id(p): ok for (_, _, p), ok in zip(entries, flags)}
-
-    def _skip_nonfinite(
-        self, p: Tensor, group: Mapping[str, Any], state: dict[str, Any],
-        cause: str = "its gradient has NaN or Inf entries; the weight and its optimizer state were left unchanged",
-    ) -> None:
-        """Do not step ``p`` this time: raise (``nonfinite="raise"``) or count and warn."""
-        where = f"parameter {self._position(p)} (shape {tuple(p.shape)})"
-        if group.get("nonfinite", "skip") == "raise":
-            raise NonFiniteGradientError(f"{where}: {cause} (nonfinite='raise')")
-        state["nonfinite_skips"] = state.get("nonfinite_skips", 0) + 1
-        # Same text every time for a parameter, so the default filter shows it once per parameter;
-        # nonfinite_skips() counts them all.
-        warn_skipped(f"LoRAAdam skipped a step of {where}: {cause} (count: opt.nonfinite_skips(p))")
-
-    def _step_param(self, p: Tensor, group: dict[str, Any], grad: Tensor, finite: bool | None = None) -> None:
-        if grad.layout != torch.strided:
-            raise TypeError(
-                f"Invalid gradient: LoRAAdam does not support sparse gradients; a parameter of shape "
-                f"{tuple(p.shape)} has a grad with layout {grad.layout}"
-            )
-        state = self._state(p, group)
-        if not (finite if finite is not None else finite_flags([grad])[0]):
-            self._skip_nonfinite(p, group, state)
-            return
-        hyper = self._hyper(group)
-        if not self._is_low_rank(p, group):
-            state["step"] += 1
-            adamw_step_(p, grad, state["exp_avg"], state["exp_avg_sq"], state["step"], **hyper)
-            return
-        projection = get_projection(group["projection"])
-        A, B = projection.begin_step(state, group)
-        matrix_grad = as_matrix(grad)
-        # Projections that read a bf16 G themselves avoid this weight-sized fp32 copy.
-        if matrix_grad.dtype != A.dtype and not getattr(projection, "accepts_low_precision_grad", False):
-            matrix_grad = matrix_grad.to(A.dtype)
-        scale = self._scale(group)
-        grad_A, grad_B = projection.project(matrix_grad, A, B, scale)
-        self._factor_step(p, group, state, projection, A, B, grad_A, grad_B, scale, hyper)
-
-    @staticmethod
-    def _hyper(group: Mapping[str, Any]) -> dict[str, float]:
-        """The Adam hyperparameters of ``group`` as they are now (``lr`` read at every step)."""
-        beta1, beta2 = group["betas"]
-        return dict(lr=_as_float(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"],
-                    weight_decay=group["weight_decay"])
-
-    def _factor_step(
-        self, p: Tensor, group: Mapping[str, Any], state: dict[str, Any], projection: Projection,
-        A: Tensor, B: Tensor, grad_A: Tensor, grad_B: Tensor, scale: float, hyper: dict[str, float],
-    ) -> None:
-        state["step"] += 1
-        (exp_avg_A, exp_avg_sq_A), (exp_avg_B, exp_avg_sq_B) = (
-            tuple(state[key] for key in MOMENT_KEYS[factor]) for factor in ("A", "B")
-        )
-        dA = adamw_delta(A, grad_A, exp_avg_A, exp_avg_sq_A, state["step"], **hyper)
-        dB = adamw_delta(B, grad_B, exp_avg_B, exp_avg_sq_B, state["step"], **hyper)
-        # The steps the stored factors will really take (A' = fl(A + dA), so dA ← A' − A, exact
-        # when |dA| ≤ |A|): W then follows s·(A_t B_t − A_0 B_0) of the stored factors to the
-        # rounding of one step, instead of drifting by the factors' rounding (~2⁻²⁴·|A||B|) per step.
-        dA, dB = (A + dA).sub_(A), (B + dB).sub_(B)
-        if not math.isfinite((dA.sum() + dB.sum()).item()):
-            # Last line of defence (the gradient was finite, or was never checked: per-layer and
-            # activation-side pieces): a diverged state (overflowed moments) must not reach W.
-            self._skip_nonfinite(p, group, state, "its factor step is not finite (the optimizer state has "
-                                 "overflowed); the weight and the factors were left unchanged, the moments were not")
-            return
-        if DRIFT_KEYS[-1] in state:
-            record_drift_step_(state, projection, A, B, dA, dB, scale)
-        writer = get_writer(self._precision(p, group))
-        with writable_matrix(p) as weight:
-            writer.write_(weight, state, WeightChange(projection, A, B, dA, dB, scale), A.dtype)
-        projection.commit_(state, A, B, dA, dB)
 
     # ------------------------------------------------------------------ factors
 
@@ -444,13 +493,8 @@ class LoRAAdam(torch.optim.Optimizer):
         factors the next step will project with. Raises ``ValueError`` for densely trained
         parameters.
         """
-        group = self._group_of(p)
-        if not self._is_low_rank(p, group):
-            raise ValueError(
-                f"parameter of shape {tuple(p.shape)} is trained by plain AdamW (rank=None or ndim < 2); it has no factors"
-            )
-        state = self._state(p, group)
-        A, B = get_projection(group["projection"]).current_factors(state, group)
+        group, state, projection = self._low_rank_target(p, "get_factors")
+        A, B = projection.current_factors(state, group)
         return A.clone(), B.clone()
 
     @torch.no_grad()
@@ -460,16 +504,16 @@ class LoRAAdam(torch.optim.Optimizer):
 
         The factors' Adam moments and step count are reset to zero: they described the old
         factors. ``r`` must equal the parameter's effective rank ``min(rank, out, in)``. Use it
-        to start from factors made elsewhere (e.g. PEFT's, or an SVD of ``W``).
+        to start from factors made elsewhere (e.g. PEFT's, or an SVD of ``W``). Raises
+        ``RuntimeError`` while projected gradient pieces of the coming step are summed (they were
+        formed with the old factors): call it before ``backward`` or after ``step()``.
         """
-        group = self._group_of(p)
-        if not self._is_low_rank(p, group):
-            raise ValueError(
-                f"parameter of shape {tuple(p.shape)} is trained by plain AdamW (rank=None or ndim < 2); it has no factors"
-            )
-        state = self._state(p, group)
-        rank = state["rank"]
+        group, state, projection = self._low_rank_target(p, "set_factors")
+        if accumulation.open_sums(state) is not None:
+            raise RuntimeError(f"set_factors: {self._name(p)} has projected gradient pieces of the coming step, made "
+                               "with the current factors; call set_factors before backward or after step()")
         out_features, in_features = matrix_shape(p.shape)
+        rank = state[RANK]
         for name, tensor, expected in (("A", A, (out_features, rank)), ("B", B, (rank, in_features))):
             if not isinstance(tensor, Tensor) or tuple(tensor.shape) != expected:
                 shape = tuple(tensor.shape) if isinstance(tensor, Tensor) else type(tensor).__name__
@@ -477,13 +521,13 @@ class LoRAAdam(torch.optim.Optimizer):
             if not torch.isfinite(tensor).all():
                 raise ValueError(f"set_factors: {name} has non-finite entries")
         moment = state[MOMENT_KEYS["A"][0]]
-        get_projection(group["projection"]).set_factors_(
-            state, A.to(device=moment.device, dtype=moment.dtype), B.to(device=moment.device, dtype=moment.dtype), group
-        )
-        for keys in MOMENT_KEYS.values():
-            for key in keys:
-                state[key].zero_()
-        state["step"] = 0
+        with torch.inference_mode(False):
+            projection.set_factors_(state, A.to(device=moment.device, dtype=moment.dtype),
+                                    B.to(device=moment.device, dtype=moment.dtype), group)
+            for keys in MOMENT_KEYS.values():
+                for key in keys:
+                    state[key].zero_()
+            state[STEP].zero_()
 
     # ------------------------------------------------------------------ reliability
 
@@ -499,14 +543,12 @@ class LoRAAdam(torch.optim.Optimizer):
         has ``drift_probes=0``.
         """
         group = self._group_of(p)
-        if not self._is_low_rank(p, group):
-            raise ValueError(
-                f"parameter of shape {tuple(p.shape)} is trained by plain AdamW (rank=None or ndim < 2); it has no drift probe"
-            )
-        if not group.get("drift_probes", 0):
+        if not self._trains_low_rank(p, group):
+            raise ValueError(f"drift: {self._name(p)} is trained by plain AdamW; it has no drift probe")
+        if not group["drift_probes"]:
             raise ValueError(
                 f"drift probes are off for the group of the parameter of shape {tuple(p.shape)} "
-                f"(drift_probes={group.get('drift_probes', 0)!r}); construct with drift_probes=k, k >= 1"
+                f"(drift_probes={group['drift_probes']!r}); construct with drift_probes=k, k >= 1"
             )
         with torch.no_grad():
             return measure_drift(as_matrix(p.detach()), self._state(p, group))
@@ -518,16 +560,16 @@ class LoRAAdam(torch.optim.Optimizer):
         return {
             index: self.drift(p)
             for index, (p, group) in enumerate(params)
-            if self._is_low_rank(p, group) and group.get("drift_probes", 0)
+            if self._trains_low_rank(p, group) and group["drift_probes"]
         }
 
     def nonfinite_skips(self, p: Tensor | None = None) -> int:
         """Steps skipped because of a NaN/Inf gradient: for parameter ``p``, or in total. The counts
         are ints in the optimizer state (``"nonfinite_skips"``), so they checkpoint."""
         if p is not None:
-            self._group_of(p)  # ValueError if p is not ours
-            return int(self.state[p].get("nonfinite_skips", 0)) if p in self.state else 0
-        return sum(int(state.get("nonfinite_skips", 0)) for state in self.state.values())
+            self._locate(p)  # ValueError if p is not ours
+            return int(self.state[p].get(NONFINITE_SKIPS, 0)) if p in self.state else 0
+        return sum(int(state.get(NONFINITE_SKIPS, 0)) for state in self.state.values())
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -537,8 +579,8 @@ class LoRAAdam(torch.optim.Optimizer):
         ``torch.optim.Optimizer.load_state_dict`` casts every floating state tensor to its
         parameter's dtype; that would round fp32 factors and moments of a bf16 weight to bf16.
         Here every state tensor keeps the dtype it was saved with (and is copied, so the loaded
-        optimizer never shares storage with ``state_dict``); ints (step counts, seeds, draw
-        counters) load exactly.
+        optimizer never shares storage with ``state_dict``); ints (seeds, draw counters) load
+        exactly, and an int step count from an older checkpoint becomes the tensor a step reads.
 
         Before anything changes, the state dict is checked against this optimizer
         (:func:`lora_optim.checkpoint.check_loadable`): a checkpoint made with another rank,
@@ -546,18 +588,27 @@ class LoRAAdam(torch.optim.Optimizer):
         the parameter (index, group, shape) and the mismatch, and leaves the optimizer as it was.
         Other options (``lr``, ``betas``, ...) come from the checkpoint, as in ``torch.optim``.
         """
-        check_loadable(self.param_groups, state_dict, self._is_low_rank)
+        check_loadable(self.param_groups, state_dict, self._trains_low_rank)
         saved_state = state_dict["state"]
         saved_ids = [pid for group in state_dict["param_groups"] for pid in group["params"]]
         super().load_state_dict(state_dict)
+        self._index.clear()
         params = [p for group in self.param_groups for p in group["params"]]
         for pid, p in zip(saved_ids, params):
             if pid not in saved_state:
                 continue
+            state = self.state[p]
             for key, value in saved_state[pid].items():
                 if isinstance(value, Tensor):
-                    self.state[p][key] = value.to(device=p.device, copy=True)
-
-
-def _as_float(value: float | Tensor) -> float:
-    return value.item() if isinstance(value, Tensor) else float(value)
+                    state[key] = value.to(device=p.device, copy=True)
+            step = state.get(STEP)
+            if step is not None and not isinstance(step, Tensor):
+                state[STEP] = torch.tensor(float(step), dtype=torch.float32, device=p.device)
+            elif isinstance(step, Tensor):
+                state[STEP] = step.to(dtype=torch.float32)
+            if "accumulated_pieces" in state:  # the format before the accumulation status
+                pieces = state.pop("accumulated_pieces")
+                if pieces and ACCUMULATED_GRAD_A in state:
+                    state[ACCUMULATION] = accumulation.OPEN
+                else:
+                    accumulation.clear_(state)

@@ -9,10 +9,10 @@ step, which is why bf16/fp16 weights default to ``compensated``.
 ``nearest``
     ``W ← round(W + s·ΔW)`` to ``W``'s dtype. Exact up to the dtype's own rounding for
     fp32/fp64 weights; for bf16/fp16 weights updates below half an ulp are lost.
-    Memory: nothing kept; while writing, none: a narrower ``W`` (bf16/fp16) is updated through
-    ``add_delta.add_rows_`` (:mod:`lora_optim.weight_change`), in place on the CPU and one
-    block of rows at a time elsewhere. Only a plain callable ``add_delta`` (no ``add_rows_``)
-    still goes through one compute-dtype buffer of ``W``'s size.
+    Memory: nothing kept; while writing, none for a weight of the compute dtype, and none on the
+    CPU for a bf16 weight (the compiled kernels round in place); otherwise one compute-dtype
+    block of rows (:mod:`lora_optim.kernels.blocks`: about 1 MiB on the CPU, the whole weight up
+    to 256 MiB on an accelerator).
 
 ``compensated``
     Kahan / error feedback. A buffer ``c`` of ``W``'s shape *and dtype* carries what rounding
@@ -30,8 +30,7 @@ step, which is why bf16/fp16 weights default to ``compensated``.
     shows is enough for 1% accuracy at lr 1e-4, while an fp32 buffer would cost twice as much
     for no measurable gain in that range. Memory: ``numel·itemsize`` kept (bf16: 2 bytes per
     element, +100% of ``W``); while writing, one block of rows in the compute dtype
-    (:data:`BLOCK_ELEMENTS` elements; a plain callable ``add_delta`` without ``add_rows_`` adds
-    one compute-dtype buffer of ``W``'s size).
+    (:mod:`lora_optim.kernels.blocks`).
     The buffer is part of the optimizer state and checkpoints with it. A change to ``W`` made
     outside the optimizer leaves ``c`` as it was (it is at most half an ulp, so harmless).
 
@@ -43,8 +42,7 @@ step, which is why bf16/fp16 weights default to ``compensated``.
     from ``derive_seed(rounding seed, counter)``, never from torch's global RNG, so a resumed
     run redraws the same bits. Memory: nothing kept but two ints; while writing, one block of
     rows in the compute dtype plus its random bits (int16 for bf16), blocks of
-    :data:`BLOCK_ELEMENTS` elements (a plain callable ``add_delta`` adds one compute-dtype buffer
-    of ``W``'s size).
+    :data:`BLOCK_ELEMENTS` elements.
     For weights already in the compute dtype there is nothing to round and it equals ``nearest``.
 
 Modes are looked up by name from the ``precision`` option of a param group
@@ -54,13 +52,17 @@ Modes are looked up by name from the ``precision`` option of a param group
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
+from lora_optim.kernels import native_kernels
+from lora_optim.kernels.blocks import row_blocks
 from lora_optim.seeding import derive_seed, seeded_generator
+from lora_optim.state_keys import ROUNDING_DRAWS, ROUNDING_SEED, WEIGHT_COMPENSATION
+from lora_optim.weight_change import WeightDelta
 
 __all__ = [
     "WeightWriter",
@@ -75,8 +77,8 @@ __all__ = [
 
 _WRITERS: dict[str, WeightWriter] = {}
 
-#: Writers that need ``s·ΔW`` in full precision work on blocks of whole rows of about this many
-#: elements (1 MiB in fp32), so their temporaries stay small whatever the size of ``W``.
+#: Blocks of whole rows of about this many elements (1 MiB in fp32) for the random bits of
+#: stochastic rounding, on every device (so seeded rounding gives the same bits for a shape).
 BLOCK_ELEMENTS = 1 << 18
 
 # Stream tag that separates the rounding stream from the factor draws of the same parameter.
@@ -99,6 +101,17 @@ def _is_narrower(dtype: torch.dtype, than: torch.dtype) -> bool:
     return torch.finfo(dtype).eps > torch.finfo(than).eps
 
 
+def _blocks(weight: Tensor, compute_dtype: torch.dtype) -> Iterator[tuple[int, slice | None]]:
+    """``(row_start, rows)`` of the blocks of :func:`~lora_optim.kernels.blocks.row_blocks`;
+    ``rows`` is ``None`` when one block covers the weight (no slicing then)."""
+    blocks = list(row_blocks(weight.shape[0], weight.shape[1], compute_dtype, weight.device))
+    if len(blocks) <= 1:
+        yield 0, None
+        return
+    for start, stop in blocks:
+        yield start, slice(start, stop)
+
+
 class WeightWriter(abc.ABC):
     """Adds ``s·ΔW`` into ``W``; subclasses set :attr:`name` and register with :func:`register_writer`."""
 
@@ -111,13 +124,10 @@ class WeightWriter(abc.ABC):
         return {}
 
     @abc.abstractmethod
-    def write_(self, weight: Tensor, state: dict[str, Any], add_delta: Callable[[Tensor], None],
-               compute_dtype: torch.dtype) -> None:
-        """Apply the update: ``add_delta(buffer)`` adds ``s·ΔW`` into any ``buffer`` of ``weight``'s
-        shape and dtype ``compute_dtype``. The optimizer passes a
-        :class:`~lora_optim.weight_change.WeightChange`, which also has ``add_rows_(buffer,
-        row_start)`` (rows of ``s·ΔW`` only): the built-in modes use it to work one block of rows
-        at a time, and fall back to one full-size buffer for a plain callable."""
+    def write_(self, weight: Tensor, state: dict[str, Any], delta: WeightDelta) -> None:
+        """Apply the update to the matrix ``weight`` in place: ``delta.add_to_(target, row_start)``
+        adds rows of ``s·ΔW`` into any target of ``weight``'s rows, in the compute dtype
+        (``delta.compute_dtype``) or lower precision (:class:`~lora_optim.weight_change.WeightDelta`)."""
 
 
 def register_writer(cls: type[WeightWriter]) -> type[WeightWriter]:
@@ -139,51 +149,22 @@ def available_writers() -> list[str]:
     return sorted(_WRITERS)
 
 
-def _row_adder(add_delta: Callable[[Tensor], None], weight: Tensor,
-               compute_dtype: torch.dtype) -> Callable[[Tensor, int], None]:
-    """``add_rows(buffer, row_start)``: add rows ``row_start:row_start+len(buffer)`` of ``s·ΔW``.
-
-    Uses ``add_delta.add_rows_`` (:class:`lora_optim.weight_change.WeightChange`) when the caller
-    provides it, so no weight-sized temporary exists; for a plain callable the whole change is
-    formed once in a compute-dtype buffer of ``W``'s size and sliced.
-    """
-    add_rows = getattr(add_delta, "add_rows_", None)
-    if add_rows is not None:
-        return add_rows
-    full = torch.zeros(weight.shape, dtype=compute_dtype, device=weight.device)
-    add_delta(full)
-    return lambda target, row_start: target.add_(full[row_start:row_start + target.shape[0]])
-
-
-def _row_blocks(weight: Tensor) -> Iterator[tuple[int, int]]:
-    """``(start, stop)`` of blocks of whole rows of about :data:`BLOCK_ELEMENTS` elements (the
-    blocks depend on the shape only, so seeded rounding is reproducible)."""
-    rows = weight.shape[0]
-    step = max(1, BLOCK_ELEMENTS // max(1, weight[0].numel() if rows else 1))
-    for start in range(0, rows, step):
-        yield start, min(rows, start + step)
-
-
 @register_writer
 class NearestWriter(WeightWriter):
     """``W ← round_to_nearest(W + s·ΔW)``; in place, no extra memory when dtypes agree."""
 
     name = "nearest"
 
-    def write_(self, weight: Tensor, state: dict[str, Any], add_delta: Callable[[Tensor], None],
-               compute_dtype: torch.dtype) -> None:
-        """Add directly into ``W`` when it has the compute dtype or the change can round into it
-        row by row (``add_rows_``), else through a temporary."""
-        if weight.dtype == compute_dtype:
-            add_delta(weight)
+    def write_(self, weight: Tensor, state: dict[str, Any], delta: WeightDelta) -> None:
+        """Add into ``W`` directly when it has the compute dtype or the compiled kernels round in
+        place; else one block of rows at a time through a compute-dtype temporary."""
+        compute = delta.compute_dtype
+        kernels = native_kernels()
+        if weight.dtype == compute or (kernels is not None and kernels.supports(weight, compute)):
+            delta.add_to_(weight)
             return
-        add_rows = getattr(add_delta, "add_rows_", None)
-        if add_rows is not None:
-            add_rows(weight, 0)  # rounds once per element, as weight.add_(delta) does
-            return
-        delta = torch.zeros(weight.shape, dtype=compute_dtype, device=weight.device)
-        add_delta(delta)
-        weight.add_(delta)
+        for start, rows in _blocks(weight, compute):
+            delta.add_to_(weight if rows is None else weight[rows], start)  # rounds once per element
 
 
 @register_writer
@@ -191,29 +172,27 @@ class CompensatedWriter(WeightWriter):
     """Kahan-compensated writes: a buffer in ``W``'s dtype keeps what rounding drops (module docstring)."""
 
     name = "compensated"
-    weight_shaped_keys = ("weight_compensation",)
+    weight_shaped_keys = (WEIGHT_COMPENSATION,)
 
     def init_state(self, weight: Tensor, seed: int) -> dict[str, Any]:
         """``weight_compensation``: zeros of ``W``'s shape and dtype."""
-        return {"weight_compensation": torch.zeros(weight.shape, dtype=weight.dtype, device=weight.device)}
+        return {WEIGHT_COMPENSATION: torch.zeros(weight.shape, dtype=weight.dtype, device=weight.device)}
 
-    def write_(self, weight: Tensor, state: dict[str, Any], add_delta: Callable[[Tensor], None],
-               compute_dtype: torch.dtype) -> None:
+    def write_(self, weight: Tensor, state: dict[str, Any], delta: WeightDelta) -> None:
         """``y = c + s·ΔW``; ``W' = round(W + y)``; ``c' = (W + y) − W'``, one block of rows at a time."""
-        compensation = state["weight_compensation"]
-        add_rows = _row_adder(add_delta, weight, compute_dtype)
-        wide = _is_narrower(weight.dtype, compute_dtype)
-        for start, stop in _row_blocks(weight):
-            w, c = weight[start:stop], compensation[start:stop]
-            pending = c.to(compute_dtype, copy=True)
-            add_rows(pending, start)  # y = c + s·ΔW
+        compensation = state[WEIGHT_COMPENSATION]
+        compute = delta.compute_dtype
+        wide = _is_narrower(weight.dtype, compute)
+        for start, rows in _blocks(weight, compute):
+            w, c = (weight, compensation) if rows is None else (weight[rows], compensation[rows])
+            pending = c.to(compute, copy=True)
+            delta.add_to_(pending, start)  # y = c + s·ΔW
             if wide:
                 # W + y is (all but) exact in the wider dtype, and so is the residual after
                 # rounding (W' and W + y are within half an ulp of W's dtype: Sterbenz).
                 pending.add_(w)
                 w.copy_(pending)
-                pending.sub_(w)
-                c.copy_(pending)
+                c.copy_(pending.sub_(w))
                 continue
             # Same dtype: classic Kahan, t = W + y, c' = (W − t) + y (W − t is exact), with c
             # and W as scratch so that the block of y is the only temporary.
@@ -232,21 +211,29 @@ class StochasticWriter(WeightWriter):
 
     def init_state(self, weight: Tensor, seed: int) -> dict[str, Any]:
         """``rounding_seed`` (an int derived from the parameter's seed) and ``rounding_draws`` (writes so far)."""
-        return {"rounding_seed": derive_seed(seed, _ROUNDING_STREAM), "rounding_draws": 0}
+        return {ROUNDING_SEED: derive_seed(seed, _ROUNDING_STREAM), ROUNDING_DRAWS: 0}
 
-    def write_(self, weight: Tensor, state: dict[str, Any], add_delta: Callable[[Tensor], None],
-               compute_dtype: torch.dtype) -> None:
+    def write_(self, weight: Tensor, state: dict[str, Any], delta: WeightDelta) -> None:
         """``W ← SR(W + s·ΔW)`` with bits from ``derive_seed(rounding_seed, rounding_draws)``."""
-        if not _is_narrower(weight.dtype, compute_dtype):
-            add_delta(weight)  # nothing to round beyond the compute dtype's own arithmetic
+        compute = delta.compute_dtype
+        if not _is_narrower(weight.dtype, compute):
+            delta.add_to_(weight)  # nothing to round beyond the compute dtype's own arithmetic
             return
-        add_rows = _row_adder(add_delta, weight, compute_dtype)
-        generator = seeded_generator(derive_seed(state["rounding_seed"], state["rounding_draws"]), weight.device)
-        state["rounding_draws"] += 1
-        for start, stop in _row_blocks(weight):
-            exact = weight[start:stop].to(compute_dtype, copy=True)
-            add_rows(exact, start)
+        generator = seeded_generator(derive_seed(state[ROUNDING_SEED], state[ROUNDING_DRAWS]), weight.device)
+        state[ROUNDING_DRAWS] += 1
+        for start, stop in _rounding_blocks(weight):
+            exact = weight[start:stop].to(compute, copy=True)
+            delta.add_to_(exact, start)
             _round_rows_(weight[start:stop], exact, generator)
+
+
+def _rounding_blocks(weight: Tensor) -> Iterator[tuple[int, int]]:
+    """``(start, stop)`` of blocks of whole rows of about :data:`BLOCK_ELEMENTS` elements (the
+    blocks depend on the shape only, so seeded rounding is reproducible)."""
+    rows = weight.shape[0]
+    step = max(1, BLOCK_ELEMENTS // max(1, weight[0].numel() if rows else 1))
+    for start in range(0, rows, step):
+        yield start, min(rows, start + step)
 
 
 def stochastic_round_(target: Tensor, source: Tensor, seed: int) -> None:
@@ -264,7 +251,7 @@ def stochastic_round_(target: Tensor, source: Tensor, seed: int) -> None:
     if source.ndim == 0:
         target, source = target.view(1), source.view(1)
     generator = seeded_generator(seed, source.device)
-    for start, stop in _row_blocks(source):
+    for start, stop in _rounding_blocks(source):
         _round_rows_(target[start:stop], source[start:stop], generator)
 
 

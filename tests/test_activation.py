@@ -26,7 +26,7 @@ from grad_modes import (
     twin_runs,
 )
 from lora_optim import ActivationSide, LoRAAdam, available_projections, get_projection
-from lora_optim.accumulation import ACCUMULATOR_KEYS
+from lora_optim.state_keys import ACCUMULATOR_KEYS
 from lora_optim.precision import factor_dtype
 
 
@@ -48,8 +48,8 @@ def test_project_activations_equals_project_of_G(rows, out_features, in_features
     A = torch.randn(out_features, rank, generator=generator, dtype=torch.float64)
     B = torch.randn(rank, in_features, generator=generator, dtype=torch.float64)
     projection = get_projection(name)
-    expected = projection.project(dY.t() @ X, A, B, 1.7)
-    got = projection.project_activations(X, dY, A, B, 1.7)
+    expected = projection.project(dY.t() @ X, A, B)
+    got = projection.project_activations(X, dY, A, B)
     for e, g in zip(expected, got):
         assert g.shape == e.shape
         torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)
@@ -242,7 +242,7 @@ def test_tiny_bert_all_modes_agree():
             p.requires_grad_(True)
         opt = LoRAAdam(weights, lr=1e-2, rank=2, alpha=4.0, init="symmetric")
         if mode == "per_layer":
-            opt.enable_per_layer(accumulation_steps=2)
+            opt.enable_per_layer()
         elif mode == "activation":
             opt.attach(model)
         for step in range(2):

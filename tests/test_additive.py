@@ -7,6 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from lora_optim import get_projection
+from lora_optim.projections import FactorChange
 from lora_optim.projections.additive import fold_columns, fold_rows
 from twins import additive_delta
 
@@ -27,7 +28,8 @@ def test_projected_gradients_equal_autograd(shape, seed, scale):
     G, = torch.autograd.grad(loss, W, retain_graph=True)
     grad_A, grad_B = torch.autograd.grad(loss, (A, B))
     G_before = G.clone()
-    ours_A, ours_B = get_projection("additive").project(G, A.detach(), B.detach(), scale)
+    ours_A, ours_B = get_projection("additive").project(G, A.detach(), B.detach())
+    ours_A, ours_B = scale * ours_A, scale * ours_B  # project gives the gradients at s = 1
     torch.testing.assert_close(ours_A, grad_A, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(ours_B, grad_B, rtol=1e-12, atol=1e-12)
     assert torch.equal(G, G_before)  # the gradient is read, never written
@@ -42,7 +44,7 @@ def test_add_delta_equals_explicit_change(shape, seed):
     B, dB = (torch.randn(rank, in_features, generator=gen, dtype=torch.float64) for _ in range(2))
     target = torch.randn(out_features, in_features, generator=gen, dtype=torch.float64)
     expected = target + 0.5 * (additive_delta(A + dA, B + dB) - additive_delta(A, B))
-    get_projection("additive").add_delta_(target, A, B, dA, dB, 0.5)
+    get_projection("additive").add_delta_(target, FactorChange(A, B, A + dA, B + dB, dA, dB), 0.5)
     torch.testing.assert_close(target, expected, rtol=1e-12, atol=1e-12)
 
 

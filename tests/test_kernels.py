@@ -24,7 +24,8 @@ from lora_optim.precision import get_writer
 from lora_optim.projections import get_projection
 from lora_optim.projections.additive import additive_add_delta_, additive_project, fold_columns, fold_rows
 from lora_optim.projections.lora import LoRAProjection, lowrank_add_delta_, lowrank_project
-from lora_optim.weight_change import WeightChange
+from lora_optim.projections import FactorChange
+from lora_optim.weight_change import WeightDelta
 from twins import additive_delta
 
 NATIVE_AVAILABLE = native_kernels() is not None
@@ -82,7 +83,8 @@ def _check_lowrank_project(rows, cols, rank, dtype_name, seed, native_on, scale=
     grad, A, B, rank = _case(rows, cols, rank, dtype_name, seed)
     G64, A64, B64 = grad.double(), A.double(), B.double()
     with use_native(native_on):
-        grad_A, grad_B = lowrank_project(grad, A, B, scale)
+        grad_A, grad_B = lowrank_project(grad, A, B)
+    grad_A, grad_B = scale * grad_A, scale * grad_B  # lowrank_project gives the gradients at s = 1
     assert grad_A.dtype == A.dtype and grad_B.dtype == A.dtype
     _check_close(grad_A, scale * G64 @ B64.t(), scale * G64.abs() @ B64.abs().t(), cols, A.dtype, A.dtype)
     _check_close(grad_B, scale * A64.t() @ G64, scale * A64.abs().t() @ G64.abs(), rows, A.dtype, A.dtype)
@@ -105,13 +107,18 @@ def test_lowrank_project_reads_strided_rows_and_leaves_grad_alone():
     grad = grad_full[:, 7:70]  # row stride 90, unit column stride
     B = B[:, 7:70]
     before = grad_full.clone()
-    grad_A, grad_B = lowrank_project(grad, A, B, 1.0)
+    grad_A, grad_B = lowrank_project(grad, A, B)
     torch.testing.assert_close(grad_A, grad @ B.t(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(grad_B, A.t() @ grad, rtol=1e-5, atol=1e-5)
     assert torch.equal(grad_full, before)
 
 
 # ------------------------------------------------------------------ lora: weight change
+
+
+def _change(A, B, dA, dB):
+    """The step as the engine hands it over: the stored new factors are ``A + dA``, ``B + dB``."""
+    return FactorChange(A, B, A + dA, B + dB, dA, dB)
 
 
 def _lowrank_oracle(W, A, B, dA, dB, scale, rows=slice(None)):
@@ -127,7 +134,7 @@ def _check_lowrank_add(rows, cols, rank, dtype_name, seed, native_on, scale=0.6)
     dA, dB = dA * 0.1, dB * 0.1
     exact, magnitude, inner = _lowrank_oracle(W, A, B, dA, dB, scale)
     with use_native(native_on):
-        lowrank_add_delta_(W, A, B, dA, dB, scale)
+        lowrank_add_delta_(W, _change(A, B, dA, dB), scale)
     _check_close(W, exact, magnitude, inner, A.dtype, W.dtype)
 
 
@@ -167,7 +174,7 @@ def test_bf16_weight_rounds_to_nearest_even_like_torch(native_on, rows, cols, ra
     delta = scale * (torch.cat((A + dA, dA), 1) @ torch.cat((dB, B), 0))  # exact in fp32
     expected = W.float().add(delta).to(torch.bfloat16)  # torch's round-to-nearest-even
     with use_native(native_on):
-        lowrank_add_delta_(W, A, B, dA, dB, scale)
+        lowrank_add_delta_(W, _change(A, B, dA, dB), scale)
     assert torch.equal(W, expected)
 
 
@@ -176,7 +183,7 @@ def test_bf16_weight_with_nan_and_inf(native_on):
     W = torch.tensor([[1.0, float("nan"), float("inf"), -float("inf")]] * 4).to(torch.bfloat16)
     A, B = torch.zeros(4, 1), torch.zeros(1, 4)
     with use_native(native_on):
-        lowrank_add_delta_(W, A, B, torch.ones(4, 1), torch.ones(1, 4), 0.5)
+        lowrank_add_delta_(W, _change(A, B, torch.ones(4, 1), torch.ones(1, 4)), 0.5)
     assert torch.equal(W[:, 0], torch.full((4,), 1.5, dtype=torch.bfloat16))
     assert W[:, 1].isnan().all() and (W[:, 2] == float("inf")).all() and (W[:, 3] == -float("inf")).all()
 
@@ -192,12 +199,12 @@ def test_add_delta_rows_equals_rows_of_full_change(native_on, shape, dtype_name,
     rows_slice = slice(start, stop)
     block = W[rows_slice].clone()
     with use_native(native_on):
-        get_projection("lora").add_delta_rows_(block, start, A, B, dA, dB, 0.5)
+        get_projection("lora").add_delta_(block, _change(A, B, dA, dB), 0.5, start)
     exact, magnitude, inner = _lowrank_oracle(W[rows_slice], A, B, dA, dB, 0.5, rows_slice)
     _check_close(block, exact, magnitude, inner, A.dtype, W.dtype)
     block = W[rows_slice].clone()
     with use_native(native_on):
-        get_projection("additive").add_delta_rows_(block, start, A, B, dA, dB, 0.5)
+        get_projection("additive").add_delta_(block, _change(A, B, dA, dB), 0.5, start)
     exact = W[rows_slice].double() + 0.5 * additive_delta(dA.double(), dB.double())[rows_slice]
     magnitude = W[rows_slice].double().abs() + 0.5 * additive_delta(dA.double().abs(), dB.double().abs())[rows_slice]
     _check_close(block, exact, magnitude, 2, A.dtype, W.dtype)
@@ -245,7 +252,7 @@ def test_native_results_do_not_depend_on_the_thread_count():
     try:
         for count in (1, 2, 3):
             torch.set_num_threads(count)
-            results.append(lowrank_project(grad, A, B, 1.0) + additive_project(grad, rank, torch.float32))
+            results.append(lowrank_project(grad, A, B) + additive_project(grad, rank, torch.float32))
     finally:
         torch.set_num_threads(threads)
     for other in results[1:]:
@@ -262,9 +269,9 @@ def test_python_threads_launch_equals_the_openmp_launch(monkeypatch):
     for openmp in (True, False):
         monkeypatch.setattr(kernels, "openmp", openmp)
         target = W.clone()
-        lowrank_add_delta_(target, A, B, dA, dB, 0.5)
+        lowrank_add_delta_(target, _change(A, B, dA, dB), 0.5)
         additive_add_delta_(target, dA, dB, 0.25)
-        results.append(lowrank_project(grad, A, B, 1.0) + additive_project(grad, rank, torch.float32) + (target,))
+        results.append(lowrank_project(grad, A, B) + additive_project(grad, rank, torch.float32) + (target,))
     assert all(torch.equal(x, y) for x, y in zip(*results))
 
 
@@ -281,8 +288,9 @@ def test_optimizer_steps_agree_on_both_paths(projection, dtype):
     weights = []
     for native_on in (True, False):
         weight = torch.nn.Parameter(start.clone())
+        options = {"init": "symmetric"} if projection == "lora" else {}
         opt = LoRAAdam([weight], lr=1e-2, rank=5, alpha=10.0, projection=projection, precision="nearest",
-                       weight_decay=0.1, init="symmetric")
+                       weight_decay=0.1, **options)
         with use_native(native_on):
             for grad in grads:
                 weight.grad = grad
@@ -299,9 +307,9 @@ def test_bf16_gradient_reaches_the_projection_uncast(monkeypatch):
     seen = []
     original = LoRAProjection.project
 
-    def spy(self, grad, A, B, scale):
+    def spy(self, grad, A, B):
         seen.append(grad.dtype)
-        return original(self, grad, A, B, scale)
+        return original(self, grad, A, B)
 
     monkeypatch.setattr(LoRAProjection, "project", spy)
     weight = torch.nn.Parameter(torch.randn(20, 30).to(torch.bfloat16))
@@ -327,36 +335,13 @@ def test_nearest_writes_bf16_weight_without_a_weight_sized_buffer(native_on, pro
     rows, cols, rank = 2048, 512, 4  # fp32 copy of W: 4 MiB; the torch path's row blocks: 1 MiB
     weight = torch.randn(rows, cols).to(torch.bfloat16)
     A, B = torch.randn(rows, rank), torch.randn(rank, cols)
-    change = WeightChange(get_projection(projection), A, B, A * 0.1, B * 0.1, 0.5)
+    change = WeightDelta(get_projection(projection), _change(A, B, A * 0.1, B * 0.1), 0.5)
     expected = weight.float() + torch.zeros(rows, cols).add_(
         0.5 * ((A * 1.1) @ (B * 1.1) - A @ B) if projection == "lora" else 0.5 * additive_delta(A * 0.1, B * 0.1))
     with use_native(native_on):
-        largest = _largest_allocation(lambda: get_writer("nearest").write_(weight, {}, change, torch.float32))
+        largest = _largest_allocation(lambda: get_writer("nearest").write_(weight, {}, change))
     assert largest < rows * cols * 4 // 2, largest
     assert ((weight.double() - expected.double()).abs() <= _bf16_half_ulp(expected.double()) * 1.1 + 1e-6).all()
-
-
-def test_nearest_still_takes_a_plain_callable():
-    weight = torch.zeros(3, 4, dtype=torch.bfloat16)
-    get_writer("nearest").write_(weight, {}, lambda buffer: buffer.add_(1.5), torch.float32)
-    assert torch.equal(weight, torch.full((3, 4), 1.5, dtype=torch.bfloat16))
-
-
-class _RowlessProjection:
-    """A projection with only the protocol's ``add_delta_`` (no ``add_delta_rows_``)."""
-
-    def add_delta_(self, target, A, B, dA, dB, scale):
-        target.addmm_(A + dA, B + dB, alpha=scale).addmm_(A, B, alpha=-scale)
-
-
-def test_weight_change_rows_fall_back_for_projections_without_rows():
-    gen = torch.Generator().manual_seed(0)
-    A, B, dA, dB = (torch.randn(*s, generator=gen, dtype=torch.float64) for s in ((9, 2), (2, 7), (9, 2), (2, 7)))
-    full = torch.zeros(9, 7, dtype=torch.float64)
-    WeightChange(_RowlessProjection(), A, B, dA, dB, 0.5)(full)
-    block = torch.zeros(4, 7, dtype=torch.float64)
-    WeightChange(_RowlessProjection(), A, B, dA, dB, 0.5).add_rows_(block, 3)
-    torch.testing.assert_close(block, full[3:7], rtol=0, atol=1e-14)
 
 
 # ------------------------------------------------------------------ random: one draw per redraw
@@ -409,7 +394,7 @@ def test_missing_compiler_falls_back_to_torch_with_one_warning(monkeypatch, tmp_
         warnings.simplefilter("error")
         assert native_kernels() is None  # decided once per process: no second warning
         grad, A, B, _ = _case(8, 9, 2, "bf16", 0)
-        grad_A, grad_B = lowrank_project(grad, A, B, 1.0)
+        grad_A, grad_B = lowrank_project(grad, A, B)
     torch.testing.assert_close(grad_A, grad.float() @ B.t())
 
 

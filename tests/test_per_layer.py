@@ -1,4 +1,4 @@
-"""Per-layer mode (steps inside backward) against the plain mode, float64, step by step."""
+"""Per-layer mode (each low-rank G projected in backward and freed) against the plain mode, float64."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from grad_modes import (
     twin_runs,
 )
 from lora_optim import PerLayerStep, available_projections
-from lora_optim.accumulation import ACCUMULATOR_KEYS
+from lora_optim.state_keys import ACCUMULATOR_KEYS
 
 
 def _assert_same_trajectory(expected, got):
@@ -41,7 +41,7 @@ def test_matches_plain_mode(projection, options, micro_batches):
     (plain_model, plain_opt), (model, opt) = twin_runs("net", projection, options)
     batches = make_batches("net")
     expected = train(plain_model, plain_opt, batches, micro_batches=micro_batches)
-    opt.enable_per_layer(accumulation_steps=micro_batches)
+    opt.enable_per_layer()
     got = train(model, opt, batches, micro_batches=micro_batches)
     _assert_same_trajectory(expected, got)
     assert rel(got[-1], flat(make_model())) > 1e-3  # it trained
@@ -52,14 +52,15 @@ def test_weight_sharing_matches_plain_mode(projection):
     (plain_model, plain_opt), (model, opt) = twin_runs("shared", projection, {})
     batches = make_batches("shared")
     expected = train(plain_model, plain_opt, batches, micro_batches=2)
-    opt.enable_per_layer(accumulation_steps=2)
+    opt.enable_per_layer()
     _assert_same_trajectory(expected, train(model, opt, batches, micro_batches=2))
 
 
-def test_steps_during_backward_and_frees_each_gradient():
+def test_projects_during_backward_and_frees_each_gradient():
     model = make_model()
     opt = make_optimizer(model)
     before = flat(model)
+    low_rank = [p for p in model.parameters() if p.ndim >= 2]
     # Registered before the mode's hooks, so it runs first: it sees the gradient being handled.
     alive: list[weakref.ref] = []
     most_alive = []
@@ -68,17 +69,18 @@ def test_steps_during_backward_and_frees_each_gradient():
         alive.append(weakref.ref(p.grad))
         most_alive.append(sum(ref() is not None for ref in alive))
 
-    for p in model.parameters():
+    for p in low_rank:
         p.register_post_accumulate_grad_hook(count)
     opt.enable_per_layer()
     loss_fn(model, make_batches("net")[0]).backward()
-    assert len(most_alive) == len(list(model.parameters()))
+    assert len(most_alive) == len(low_rank)
     assert max(most_alive) == 1, f"live full gradients at the hooks: {most_alive}"
-    assert all(p.grad is None for p in model.parameters())
-    assert rel(flat(model), before) > 0  # stepped inside backward
-    after_backward = flat(model)
-    assert opt.step() is None  # nothing left to do
-    assert torch.equal(flat(model), after_backward)
+    assert all(p.grad is None for p in low_rank)
+    assert all(p.grad is not None for p in model.parameters() if p.ndim < 2)  # dense: p.grad as usual
+    assert torch.equal(flat(model), before)  # nothing steps before step()
+    assert all(ACCUMULATOR_KEYS[0] in opt.state[p] for p in low_rank)
+    opt.step()
+    assert rel(flat(model), before) > 0
 
 
 def test_gradient_count_check_can_fail_in_plain_mode():
@@ -97,19 +99,11 @@ def test_gradient_count_check_can_fail_in_plain_mode():
     assert max(most_alive) == len(list(model.parameters()))
 
 
-def test_step_completes_a_shorter_accumulation():
-    (plain_model, plain_opt), (model, opt) = twin_runs("net", "lora", {})
-    batches = make_batches("net")
-    expected = train(plain_model, plain_opt, batches, micro_batches=2, steps=3)
-    opt.enable_per_layer(accumulation_steps=4)  # step() comes after 2 micro-batches
-    _assert_same_trajectory(expected, train(model, opt, batches, micro_batches=2, steps=3))
-
-
 @pytest.mark.parametrize("projection,options", [("random", {}), ("lora", {})], ids=["random", "lora"])
 def test_zero_grad_discards_the_accumulation_as_in_plain_mode(projection, options):
     (plain_model, plain_opt), (model, opt) = twin_runs("net", projection, options)
     batches = make_batches("net")
-    opt.enable_per_layer(accumulation_steps=2)
+    opt.enable_per_layer()
     for m, o in ((plain_model, plain_opt), (model, opt)):
         loss_fn(m, batches[0]).backward()
         o.zero_grad()  # discard the first micro-batch
@@ -131,7 +125,7 @@ def test_state_dict_round_trip_during_accumulation(projection, options):
     batches = make_batches("net")
     expected = train(plain_model, plain_opt, batches, micro_batches=3, steps=3, schedule=False)
 
-    opt.enable_per_layer(accumulation_steps=3)
+    opt.enable_per_layer()
     train(model, opt, batches, micro_batches=3, steps=1, schedule=False)
     (loss_fn(model, batches[3]) / 3).backward()  # first micro-batch of step 2, then save
     assert any(ACCUMULATOR_KEYS[0] in s for s in opt.state_dict()["state"].values())
@@ -146,16 +140,16 @@ def test_state_dict_round_trip_during_accumulation(projection, options):
         p.requires_grad_(p.ndim >= 2)
     resumed_opt = make_optimizer(resumed_model, projection, **options)
     resumed_opt.load_state_dict(saved["opt"])
-    resumed_opt.enable_per_layer(accumulation_steps=3)
+    resumed_opt.enable_per_layer()
     for index in (4, 5):
         (loss_fn(resumed_model, batches[index]) / 3).backward()
-    assert all(p.grad is None for p in resumed_model.parameters())  # stepped inside backward
+    assert all(p.grad is None for p in resumed_model.parameters())  # projected inside backward
     resumed_opt.step()
     resumed_opt.zero_grad()
     got = [flat(resumed_model)]
     got += train(resumed_model, resumed_opt, batches, micro_batches=3, steps=1, schedule=False, first_batch=6)
     _assert_same_trajectory(expected[1:], got)
-    # After a step the state is the plain mode's: no accumulators, same values.
+    # After a step and zero_grad the state is the plain mode's: no accumulators, same values.
     resumed_state, plain_state = resumed_opt.state_dict()["state"], plain_opt.state_dict()["state"]
     assert resumed_state.keys() == plain_state.keys()
     for index, state in resumed_state.items():
@@ -191,14 +185,13 @@ def test_closure_and_remove():
     assert all(p.grad is not None for p in model.parameters())  # plain again
 
 
-def test_invalid_arguments():
+def test_enabling_twice_raises_and_remove_unregisters():
     opt = make_optimizer(make_model())
-    for bad in (0, -1, 1.5, True, "2"):
-        with pytest.raises(ValueError, match="accumulation_steps"):
-            opt.enable_per_layer(accumulation_steps=bad)
-    with opt.enable_per_layer():
+    with opt.enable_per_layer() as handle:
+        assert opt.grad_modes == (handle,)
         with pytest.raises(ValueError, match="already enabled"):
             opt.enable_per_layer()
+    assert opt.grad_modes == ()
     opt.enable_per_layer().remove()
 
 

@@ -187,21 +187,33 @@ def test_state_bytes_per_mode(precision):
     for key in ("A", "B", "exp_avg_A", "exp_avg_sq_A", "exp_avg_B", "exp_avg_sq_B"):
         assert state[key].dtype == torch.float32
     extra = {"nearest": 0, "stochastic": 0, "compensated": out * inn * 2}[precision]
-    assert optimizer_state_bytes(opt) == 3 * rank * (out + inn) * 4 + extra
+    assert optimizer_state_bytes(opt) == 3 * rank * (out + inn) * 4 + extra + 4  # + the step count
+
+
+class _GivenDelta:
+    """A weight change given as a matrix: what a write mode needs of a ``WeightDelta``."""
+
+    compute_dtype = torch.float32
+
+    def __init__(self, delta):
+        self.delta = delta
+
+    def add_to_(self, target, row_start=0):
+        rows = self.delta if self.delta.shape[0] == 1 else self.delta[row_start:row_start + target.shape[0]]
+        target.add_(rows)  # a 1×1 change broadcasts
 
 
 @pytest.mark.parametrize("precision", available_writers())
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_writers_with_a_plain_callable(precision, dtype):
-    """``write_`` with a plain ``add_delta`` (no ``add_rows_``): the fallback path of each mode
-    lands within the mode's rounding of ``W + Δ``."""
+def test_writers_land_within_their_rounding(precision, dtype):
+    """``write_`` of a given change: each mode lands within its rounding of ``W + Δ``."""
     gen = torch.Generator().manual_seed(1)
     weight = (torch.randn(40, 30, generator=gen) * 0.1).to(dtype)
     start = weight.double()
     delta = torch.randn(40, 30, generator=gen) * 1e-2
     writer = get_writer(precision)
     state = writer.init_state(weight, seed=5)
-    writer.write_(weight, state, lambda buffer: buffer.add_(delta), torch.float32)
+    writer.write_(weight, state, _GivenDelta(delta))
     ulp = torch.finfo(dtype).eps * (start + delta.double()).abs().clamp_min(torch.finfo(dtype).tiny)
     assert ((weight.double() - (start + delta.double())).abs() <= ulp * 1.01).all()
     if precision == "compensated":
@@ -224,7 +236,7 @@ def test_compensated_fp32_keeps_updates_far_below_an_ulp():
         writer = get_writer(precision)
         state = writer.init_state(weight, seed=0)
         for _ in range(1000):
-            writer.write_(weight, state, lambda buffer: buffer.add_(1e-9), torch.float32)
+            writer.write_(weight, state, _GivenDelta(torch.full((1, 1), 1e-9)))
         results[precision] = (weight.double() - 1.0).mean().item()
     assert results["nearest"] == 0.0
     assert results["compensated"] == pytest.approx(1e-6, rel=0.1)
@@ -259,7 +271,7 @@ def _ids(config):
 @pytest.mark.parametrize("name", ["lora", "random", "additive"])
 def test_probe_delta_of_each_variant_equals_the_generic_default(name):
     from lora_optim import get_projection
-    from lora_optim.projections.base import Projection
+    from lora_optim.projections.base import FactorChange, Projection
 
     gen = torch.Generator().manual_seed(3)
     out, inn, rank = 11, 9, 3
@@ -267,8 +279,9 @@ def test_probe_delta_of_each_variant_equals_the_generic_default(name):
     dA, dB = 1e-3 * torch.randn(out, rank, generator=gen), 1e-3 * torch.randn(rank, inn, generator=gen)
     probes = torch.randn(inn, 4, generator=gen, dtype=torch.float64)
     projection = get_projection(name)
-    got = projection.probe_delta(A, B, dA, dB, 1.7, probes)
-    reference = Projection.probe_delta(projection, A, B, dA, dB, 1.7, probes)
+    change = FactorChange(A, B, A + dA, B + dB, (A + dA) - A, (B + dB) - B)
+    got = projection.probe_delta(change, 1.7, probes)
+    reference = Projection.probe_delta(projection, change, 1.7, probes)
     assert got.dtype == torch.float64
     # fp64 cancellation in A'(B'X) − A(BX): agree to ~1e-15 of the terms' size
     torch.testing.assert_close(got, reference, rtol=1e-10, atol=1e-13)
@@ -335,10 +348,10 @@ def test_drift_is_off_by_default_and_costs_nothing():
     opt = LoRAAdam([weight], rank=4)
     opt.step()
     assert not any(key.startswith("drift") for key in opt.state[weight])
-    assert optimizer_state_bytes(opt) == 3 * 4 * (30 + 20) * 4
+    assert optimizer_state_bytes(opt) == 3 * 4 * (30 + 20) * 4 + 4  # + the step count
     with pytest.raises(ValueError, match="drift_probes=0"):
         opt.drift(weight)
     assert opt.drift_report() == {}
     probed = LoRAAdam([weight], rank=4, drift_probes=3)
     probed.step()
-    assert optimizer_state_bytes(probed) == 3 * 4 * (30 + 20) * 4 + 3 * (20 + 2 * 30) * 8
+    assert optimizer_state_bytes(probed) == 3 * 4 * (30 + 20) * 4 + 4 + 3 * (20 + 2 * 30) * 8

@@ -159,23 +159,25 @@ def test_moment_rules_at_a_redraw():
         new_A, new_B = draw_factors(12, 12, 2, state["seed"], 1, dtype=torch.float64, device=torch.device("cpu"))
         nn.functional.cross_entropy(model(x), y).backward()
         captured = {}
-        real_delta = __import__("lora_optim.optimizer", fromlist=["adamw_delta"]).adamw_delta
+        import lora_optim.engine as engine_module
+
+        real_adamw = engine_module.adamw_
 
         # Capture the moments right after the redraw, before Adam folds in the new gradient.
-        def spy(param, grad, exp_avg, exp_avg_sq, step, **hyper):
-            if exp_avg is state["exp_avg_A"]:
-                captured.update(exp_avg_A=exp_avg.clone(), exp_avg_sq_A=exp_avg_sq.clone(), step=step)
-            if exp_avg is state["exp_avg_B"]:
-                captured.update(exp_avg_B=exp_avg.clone(), exp_avg_sq_B=exp_avg_sq.clone())
-            return real_delta(param, grad, exp_avg, exp_avg_sq, step, **hyper)
+        def spy(params, grads, exp_avgs, exp_avg_sqs, steps, hyper, grad_scale=None):
+            for index, exp_avg in enumerate(exp_avgs):
+                if exp_avg is state["exp_avg_A"]:
+                    captured.update(exp_avg_A=exp_avg.clone(), exp_avg_sq_A=exp_avg_sqs[index].clone(),
+                                    step=steps[index].item())
+                if exp_avg is state["exp_avg_B"]:
+                    captured.update(exp_avg_B=exp_avg.clone(), exp_avg_sq_B=exp_avg_sqs[index].clone())
+            return real_adamw(params, grads, exp_avgs, exp_avg_sqs, steps, hyper, grad_scale)
 
-        import lora_optim.optimizer as optimizer_module
-
-        optimizer_module.adamw_delta = spy
+        engine_module.adamw_ = spy
         try:
             opt.step()
         finally:
-            optimizer_module.adamw_delta = real_delta
+            engine_module.adamw_ = real_adamw
         results[rule] = captured
         if rule == "keep":
             for k, v in before.items():

@@ -7,17 +7,14 @@ import torch
 from torch import nn
 
 from lora_optim import LoRAAdam, Projection, available_projections, get_projection, register_projection
+from lora_optim.options import Option, real
 
 
 class FrozenBProjection(Projection):
     """LoRA-FA: ``B`` is a fixed random matrix, only ``A`` trains (``ΔW = A·B``)."""
 
     name = "test-lora-fa"
-    options = {"fa_bound": 0.5}
-
-    def validate_options(self, group):
-        if not group["fa_bound"] > 0:
-            raise ValueError(f"fa_bound must be > 0, got {group['fa_bound']!r}")
+    options = (Option("fa_bound", 0.5, real(0.0, inclusive=False), doc="bound of the fixed B"),)
 
     def init_state(self, weight, rank, seed, factor_dtype, group):
         gen = torch.Generator().manual_seed(seed)
@@ -27,11 +24,12 @@ class FrozenBProjection(Projection):
     def current_factors(self, state, group):
         return state["A"], state["B"]
 
-    def project(self, grad, A, B, scale):
-        return scale * grad @ B.t(), torch.zeros_like(B)
+    def project(self, grad, A, B):
+        return grad @ B.t(), torch.zeros_like(B)
 
-    def add_delta_(self, target, A, B, dA, dB, scale):
-        target.add_(dA @ B, alpha=scale)
+    def add_delta_(self, target, change, scale, row_start=0):
+        rows = slice(row_start, row_start + target.shape[0])
+        target.add_(change.dA[rows] @ change.B, alpha=scale)
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -1,49 +1,43 @@
-"""Row blocks: the torch path's way to avoid weight-sized temporaries.
+"""Row blocks: how the torch path bounds its weight-sized temporaries.
 
-Where a full-precision copy of a low-precision ``G`` or ``W`` would be needed (a bf16 weight
-with fp32 factors), the torch path converts one block of rows at a time; a block is about
-:data:`BLOCK_BYTES` in the compute dtype, so it stays in cache between the conversion and its
-use, and the extra memory is one block instead of one weight.
+Where a full-precision copy of a low-precision ``G`` or ``W`` is needed (a bf16 weight with fp32
+factors, a compensated or stochastic write), the torch path works on blocks of whole rows. On the
+CPU a block is about :data:`CPU_BLOCK_BYTES` in the compute dtype, so it stays in cache between
+its conversion and its use and the extra memory is one block. On an accelerator every block is a
+kernel launch, and launches are what a step of many matrices costs there, so a block is up to
+:data:`DEVICE_BLOCK_BYTES`: one block for any weight of a 7B-class model (11008×4096 in fp32 is
+172 MiB), at the price of one transient buffer of the weight's size.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import torch
-from torch import Tensor
 
-__all__ = ["BLOCK_BYTES", "row_blocks", "add_in_row_blocks_"]
+__all__ = ["CPU_BLOCK_BYTES", "DEVICE_BLOCK_BYTES", "block_bytes", "row_blocks"]
 
-#: Size of one block of rows in the compute dtype.
-BLOCK_BYTES = 1 << 20
+#: Size of one block of rows in the compute dtype on the CPU.
+CPU_BLOCK_BYTES = 1 << 20
+#: Size of one block of rows in the compute dtype on other devices.
+DEVICE_BLOCK_BYTES = 1 << 28
+
+
+def block_bytes(device: torch.device) -> int:
+    """Bytes of one block of rows on ``device`` (see the module docstring)."""
+    return CPU_BLOCK_BYTES if torch.device(device).type == "cpu" else DEVICE_BLOCK_BYTES
 
 
 def row_blocks(
-    rows: int, cols: int, dtype: torch.dtype, *, multiple: int = 1, block_bytes: int = BLOCK_BYTES
+    rows: int, cols: int, dtype: torch.dtype, device: torch.device | str = "cpu", *, multiple: int = 1,
+    block_bytes_: int | None = None,
 ) -> Iterator[tuple[int, int]]:
-    """``(start, stop)`` of consecutive row blocks covering ``rows`` rows of ``cols`` columns,
-    each about ``block_bytes`` in ``dtype``; every ``start`` is a multiple of ``multiple``."""
+    """``(start, stop)`` of consecutive row blocks covering ``rows`` rows of ``cols`` columns, each
+    about :func:`block_bytes` (or ``block_bytes_``) in ``dtype``; every ``start`` is a multiple of
+    ``multiple``. The blocks depend on the shape, dtype and device type only, so seeded rounding
+    over them is reproducible."""
+    budget = block_bytes(torch.device(device)) if block_bytes_ is None else block_bytes_
     row_bytes = max(1, cols * torch.empty((), dtype=dtype).element_size())
-    step = max(1, block_bytes // row_bytes // multiple) * multiple
+    step = max(1, budget // row_bytes // multiple) * multiple
     for start in range(0, rows, step):
         yield start, min(rows, start + step)
-
-
-def add_in_row_blocks_(
-    target: Tensor, compute_dtype: torch.dtype, add_rows_: Callable[[Tensor, int], None], *, multiple: int = 1
-) -> None:
-    """``target ← round(target + Δ)`` where ``add_rows_(buffer, row_start)`` adds rows
-    ``row_start:row_start+len(buffer)`` of ``Δ`` into a ``compute_dtype`` buffer.
-
-    A target of ``compute_dtype`` is passed straight through; a lower-precision one goes
-    through one block-sized buffer at a time, each element rounded once to ``target``'s dtype
-    (as ``target.add_(delta)`` rounds). Block starts are multiples of ``multiple``.
-    """
-    if target.dtype == compute_dtype:
-        add_rows_(target, 0)
-        return
-    for start, stop in row_blocks(target.shape[0], target.shape[1], compute_dtype, multiple=multiple):
-        buffer = target[start:stop].to(compute_dtype)
-        add_rows_(buffer, start)
-        target[start:stop].copy_(buffer)

@@ -12,7 +12,11 @@ For ``r = 1`` this is ``Δw_ij = u_i + v_j``. The gradients are block row and co
     \\frac{\\partial L}{\\partial B_{kj}} = s \\sum_{i \\equiv k \\ (\\mathrm{mod}\\ r)} G_{ij}.
 
 ``ΔW`` is linear in the factors, so a step ``(dA, dB)`` adds ``s·(dA[:, j mod r] + dB[i mod r, :])``
-to ``W`` by broadcasting, with no GEMM. ``ΔW`` can have rank up to ``2r`` for ``2r`` factor
+to ``W``. On the CPU one pass over ``G`` forms both sums and one pass over ``W`` writes the change
+(:mod:`lora_optim.kernels`). Elsewhere both are GEMMs with the constant block-identity matrices,
+``(G·E_cᵀ, E_rᵀ·G)`` and ``W += s·[dA, E_r]·[E_c; dB]``: the same shape of work as ``lora`` (one
+read of ``G``, one read and write of ``W``), in a fixed handful of launches whatever ``r``
+divides. ``ΔW`` can have rank up to ``2r`` for ``2r`` factor
 columns (LoRA's ``A·B`` has rank at most ``r``). Both factors start at zero, so training starts
 exactly at ``W``. State: ``A``, ``B``. Any ``out``, ``in`` works, divisible by ``r`` or not.
 """
@@ -24,19 +28,41 @@ import torch
 from torch import Tensor
 
 from lora_optim.kernels import native_kernels
-from lora_optim.kernels.blocks import add_in_row_blocks_, row_blocks
+from lora_optim.kernels.blocks import row_blocks
 from lora_optim.projections import register_projection
-from lora_optim.projections.base import FactorState, Projection
+from lora_optim.projections.base import FactorChange, FactorState, Projection
+from lora_optim.state_keys import FACTOR_A, FACTOR_B
 
 __all__ = [
     "AdditiveProjection",
+    "block_identity",
     "fold_columns",
     "fold_rows",
-    "spread_columns_",
     "spread_rows_",
     "additive_project",
     "additive_add_delta_",
 ]
+
+_BLOCK_IDENTITIES: dict[tuple, Tensor] = {}
+
+
+def block_identity(size: int, rank: int, *, dtype: torch.dtype, device: torch.device, transposed: bool = False) -> Tensor:
+    """``E`` of shape ``size×r`` with ``E[i, k] = 1`` if ``i mod r == k`` else 0, or its transpose
+    (``r×size``, contiguous) if ``transposed``. Cached per shape, dtype and device; read-only.
+
+    ``G·E`` sums the columns of ``G`` with equal index mod ``r``, and ``Eᵀ·G`` its rows.
+    """
+    key = (size, rank, dtype, torch.device(device), transposed)
+    cached = _BLOCK_IDENTITIES.get(key)
+    if cached is None:
+        if len(_BLOCK_IDENTITIES) > 256:  # a bound, for programs that see many shapes
+            _BLOCK_IDENTITIES.clear()
+        index = torch.arange(size, device=device)
+        cached = (index.remainder(rank).unsqueeze(1) == torch.arange(rank, device=device)).to(dtype)
+        if transposed:
+            cached = cached.t().contiguous()
+        _BLOCK_IDENTITIES[key] = cached
+    return cached
 
 
 def fold_columns(matrix: Tensor, rank: int) -> Tensor:
@@ -57,15 +83,6 @@ def fold_rows(matrix: Tensor, rank: int) -> Tensor:
     return folded
 
 
-def spread_columns_(target: Tensor, columns: Tensor, scale: float) -> None:
-    """``target[i, j] += scale·columns[i, j mod r]`` in place (``columns`` is out×r)."""
-    rank = columns.shape[1]
-    blocks, rest = divmod(target.shape[1], rank)
-    target[:, : blocks * rank].unflatten(1, (blocks, rank)).add_(columns.unsqueeze(1), alpha=scale)
-    if rest:
-        target[:, blocks * rank :].add_(columns[:, :rest], alpha=scale)
-
-
 def spread_rows_(target: Tensor, rows: Tensor, scale: float) -> None:
     """``target[i, j] += scale·rows[i mod r, j]`` in place (``rows`` is r×in)."""
     rank = rows.shape[0]
@@ -76,50 +93,62 @@ def spread_rows_(target: Tensor, rows: Tensor, scale: float) -> None:
 
 
 def additive_project(grad: Tensor, rank: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """``(fold_columns(G, r), fold_rows(G, r))`` in ``dtype``: the unscaled factor gradients.
+    """``(Σ_{j≡k mod r} G_ij, Σ_{i≡k mod r} G_ij)`` in ``dtype``: the factor gradients at ``s = 1``.
 
-    ``grad`` may have a lower precision than ``dtype`` (a bf16 ``G``): it is converted one block
-    of rows at a time, never whole. On the CPU one pass over ``G`` forms both sums
-    (:mod:`lora_optim.kernels`). The paths agree to float rounding.
+    ``grad`` may have a lower precision than ``dtype`` (a bf16 ``G``). On the CPU one pass over
+    ``G`` forms both sums in ``G``'s own dtype (:mod:`lora_optim.kernels`); elsewhere two GEMMs
+    with the block identities (:func:`block_identity`), after converting a low-precision ``G``
+    block by block. The paths agree to float rounding.
     """
     kernels = native_kernels()
     if kernels is not None and kernels.supports(grad, dtype):
         return kernels.fold_additive(grad, rank, dtype)
+    out_features, in_features = grad.shape
+    columns = block_identity(in_features, rank, dtype=dtype, device=grad.device)  # in×r
+    rows_t = block_identity(out_features, rank, dtype=dtype, device=grad.device, transposed=True)  # r×out
     if grad.dtype == dtype:
-        return fold_columns(grad, rank), fold_rows(grad, rank)
-    grad_A = torch.empty(grad.shape[0], rank, dtype=dtype, device=grad.device)
-    grad_B = torch.zeros(rank, grad.shape[1], dtype=dtype, device=grad.device)
-    # Blocks start at multiples of r, so a block's row i mod r is the matrix's.
-    for start, stop in row_blocks(grad.shape[0], grad.shape[1], dtype, multiple=rank):
+        return torch.mm(grad, columns), torch.mm(rows_t, grad)
+    blocks = list(row_blocks(out_features, in_features, dtype, grad.device))
+    if len(blocks) == 1:
+        wide = grad.to(dtype)
+        return torch.mm(wide, columns), torch.mm(rows_t, wide)
+    grad_A = torch.empty(out_features, rank, dtype=dtype, device=grad.device)
+    grad_B = torch.zeros(rank, in_features, dtype=dtype, device=grad.device)
+    for start, stop in blocks:
         block = grad[start:stop].to(dtype)
-        grad_A[start:stop] = fold_columns(block, rank)
-        grad_B += fold_rows(block, rank)
+        torch.mm(block, columns, out=grad_A[start:stop])
+        grad_B.addmm_(rows_t[:, start:stop], block)
     return grad_A, grad_B
 
 
-def additive_add_delta_(target: Tensor, dA: Tensor, dB: Tensor, scale: float, *, row_start: int = 0) -> None:
+def additive_add_delta_(target: Tensor, dA: Tensor, dB: Tensor, scale: float, row_start: int = 0) -> None:
     """``target[i, j] += s·(dA[i, j mod r] + dB[i mod r, j])`` for the rows
     ``row_start : row_start + len(target)`` of ``W`` that ``target`` holds.
 
     ``target`` may have ``dA``'s dtype or a lower precision (a bf16 ``W``); then each element is
-    rounded to nearest once, with no weight-sized temporary. On the CPU one pass reads and
-    writes each element once (:mod:`lora_optim.kernels`); elsewhere two broadcast adds.
+    rounded to nearest once. On the CPU one pass reads and writes each element once
+    (:mod:`lora_optim.kernels`); elsewhere one GEMM, ``s·[dA, E_r]·[E_c; dB]``, into ``target``
+    (or into one temporary of its size for a lower precision).
     """
     rank = dA.shape[1]
-    columns = dA[row_start : row_start + target.shape[0]]
-    # Row i of target is row row_start + i of W: it takes dB[(row_start + i) mod r].
-    rows = dB.roll(-(row_start % rank), dims=0) if row_start % rank else dB
+    rows = slice(row_start, row_start + target.shape[0])
+    columns = dA if target.shape[0] == dA.shape[0] else dA[rows]
     kernels = native_kernels()
     if kernels is not None and kernels.supports(target, dA.dtype):
-        kernels.spread_additive_(target, columns, rows, scale)
+        # Row i of target is row row_start + i of W: it takes dB[(row_start + i) mod r].
+        shifted = dB.roll(-(row_start % rank), dims=0) if row_start % rank else dB
+        kernels.spread_additive_(target, columns, shifted, scale)
         torch.autograd.graph.increment_version(target)  # as an in-place torch op would
         return
-
-    def add_rows_(buffer: Tensor, start: int) -> None:
-        spread_columns_(buffer, columns[start : start + buffer.shape[0]], scale)
-        spread_rows_(buffer, rows, scale)
-
-    add_in_row_blocks_(target, dA.dtype, add_rows_, multiple=rank)
+    block_rows = block_identity(dA.shape[0], rank, dtype=dA.dtype, device=dA.device)  # out×r
+    if target.shape[0] != dA.shape[0]:
+        block_rows = block_rows[rows]
+    left = torch.cat((columns, block_rows), dim=1)
+    right = torch.cat((block_identity(dB.shape[1], rank, dtype=dB.dtype, device=dB.device, transposed=True), dB), dim=0)
+    if target.dtype == dA.dtype:
+        target.addmm_(left, right, alpha=scale)
+    else:
+        target.add_(torch.mm(left, right), alpha=scale)
 
 
 @register_projection
@@ -127,36 +156,26 @@ class AdditiveProjection(Projection):
     """Additive block decomposition ``ΔW_ij = A_{i, j mod r} + B_{i mod r, j}`` (see module docstring)."""
 
     name = "additive"
-    #: :meth:`project` takes a ``G`` of lower precision than the factors (the optimizer then
-    #: skips its weight-sized cast of a bf16 ``G``).
     accepts_low_precision_grad = True
 
-    def init_state(
-        self, weight: Tensor, rank: int, seed: int, factor_dtype: torch.dtype, group
-    ) -> FactorState:
+    def init_state(self, weight: Tensor, rank: int, seed: int, factor_dtype: torch.dtype, group) -> FactorState:
         """``A`` (out×r) and ``B`` (r×in), both zero."""
         out_features, in_features = weight.shape
         return {
-            "A": torch.zeros(out_features, rank, dtype=factor_dtype, device=weight.device),
-            "B": torch.zeros(rank, in_features, dtype=factor_dtype, device=weight.device),
+            FACTOR_A: torch.zeros(out_features, rank, dtype=factor_dtype, device=weight.device),
+            FACTOR_B: torch.zeros(rank, in_features, dtype=factor_dtype, device=weight.device),
         }
 
     def current_factors(self, state: FactorState, group) -> tuple[Tensor, Tensor]:
         """The stored ``(A, B)``."""
-        return state["A"], state["B"]
+        return state[FACTOR_A], state[FACTOR_B]
 
-    def project(self, grad: Tensor, A: Tensor, B: Tensor, scale: float) -> tuple[Tensor, Tensor]:
-        """Block row and column sums of ``G``, times ``s``; ``grad`` may be of lower precision."""
-        grad_A, grad_B = additive_project(grad, A.shape[1], A.dtype)
-        if scale != 1.0:
-            grad_A.mul_(scale)
-            grad_B.mul_(scale)
-        return grad_A, grad_B
+    def project(self, grad: Tensor, A: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
+        """Block row and column sums of ``G``; ``grad`` may be of lower precision."""
+        return additive_project(grad, A.shape[1], A.dtype)
 
-    def project_activations(
-        self, inputs: Tensor, output_grads: Tensor, A: Tensor, B: Tensor, scale: float
-    ) -> tuple[Tensor, Tensor]:
-        """``(s·δYᵀ·fold(X), s·fold(δY)ᵀ·X)`` without forming ``G = δYᵀX``.
+    def project_activations(self, inputs: Tensor, output_grads: Tensor, A: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
+        """``(δYᵀ·fold(X), fold(δY)ᵀ·X)`` without forming ``G = δYᵀX``.
 
         ``fold`` sums the feature columns with equal index mod ``r`` (:func:`fold_columns`):
         ``Σ_{j≡k} G_ij = Σ_n δY_ni·fold(X)_nk`` and ``Σ_{i≡k} G_ij = Σ_n fold(δY)_nk·X_nj``.
@@ -165,28 +184,18 @@ class AdditiveProjection(Projection):
         # (fold(X)ᵀ·δY)ᵀ: BLAS is faster with r rows than with r columns (see lowrank_project_activations).
         grad_A = torch.mm(fold_columns(inputs, rank).t(), output_grads).t()
         grad_B = torch.mm(fold_columns(output_grads, rank).t(), inputs)
-        if scale != 1.0:
-            grad_A.mul_(scale)
-            grad_B.mul_(scale)
         return grad_A, grad_B
 
-    def add_delta_(self, target: Tensor, A: Tensor, B: Tensor, dA: Tensor, dB: Tensor, scale: float) -> None:
+    def add_delta_(self, target: Tensor, change: FactorChange, scale: float, row_start: int = 0) -> None:
         """``target += s·(dA[:, j mod r] + dB[i mod r, :])`` (``ΔW`` is linear in the factors)."""
-        additive_add_delta_(target, dA, dB, scale)
+        additive_add_delta_(target, change.dA, change.dB, scale, row_start)
 
-    def add_delta_rows_(
-        self, target: Tensor, row_start: int, A: Tensor, B: Tensor, dA: Tensor, dB: Tensor, scale: float
-    ) -> None:
-        """Rows ``row_start : row_start + len(target)`` of the change, into a target of the factor
-        dtype or of lower precision (rounded once per element); see :func:`additive_add_delta_`."""
-        additive_add_delta_(target, dA, dB, scale, row_start=row_start)
-
-    def probe_delta(self, A: Tensor, B: Tensor, dA: Tensor, dB: Tensor, scale: float, probes: Tensor) -> Tensor:
-        """``s·(δA·fold_rows(X) + spread_rows(δB·X))`` in fp64, where ``δA = (A + dA) − A`` is the
-        change of the stored factor: ``Σ_j δA[i, j mod r]·X[j] = (δA·fold_rows(X))[i]``."""
-        rank = A.shape[1]
-        step_A = (A + dA).to(probes.dtype) - A.to(probes.dtype)
-        step_B = (B + dB).to(probes.dtype) - B.to(probes.dtype)
-        change = step_A @ fold_rows(probes, rank)
-        spread_rows_(change, step_B @ probes, 1.0)
-        return change.mul_(scale)
+    def probe_delta(self, change: FactorChange, scale: float, probes: Tensor) -> Tensor:
+        """``s·(dA·fold_rows(X) + spread_rows(dB·X))`` in fp64, with the stored steps ``dA``, ``dB``:
+        ``Σ_j dA[i, j mod r]·X[j] = (dA·fold_rows(X))[i]``."""
+        rank = change.A.shape[1]
+        step_A = change.A_new.to(probes.dtype) - change.A.to(probes.dtype)
+        step_B = change.B_new.to(probes.dtype) - change.B.to(probes.dtype)
+        result = step_A @ fold_rows(probes, rank)
+        spread_rows_(result, step_B @ probes, 1.0)
+        return result.mul_(scale)

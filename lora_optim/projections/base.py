@@ -2,17 +2,20 @@
 
 A projection decides how the full gradient ``G = ∂L/∂W`` (an ``out×in`` matrix) maps onto two
 factors ``A`` (``out×r``) and ``B`` (``r×in``), and how a step of the factors becomes a change
-of ``W``. Adam never sees any of this: the optimizer asks the projection for the factor
-gradients, runs the Adam math of :mod:`lora_optim.adam` on them, and hands the factor steps back
-to the projection to write into ``W``.
+of ``W``. Adam never sees any of this. The step engine (:mod:`lora_optim.engine`) calls, for a
+low-rank parameter with per-parameter ``state`` and scale ``s``::
 
-One step of :class:`~lora_optim.LoRAAdam` on a low-rank parameter is::
+    A, B   = projection.step_factors(state, group)        # pure: the factors of this step
+    gA, gB = projection.project(G, A, B)                   # ∂L/∂A, ∂L/∂B at s = 1 (then × s)
+    ...    # one NaN/Inf check of the whole step; a skipped parameter stops here, unchanged
+    A, B   = projection.begin_step(state, group, A, B)     # commit: redraw counters, moment rule
+    ...    # one fused AdamW call updates every group's A, B in place; dA = A' − A, dB = B' − B
+    projection.add_delta_(W, FactorChange(A, B, A', B', dA, dB), s)   # W += s·(Δ(A', B') − Δ(A, B))
 
-    A, B   = projection.begin_step(state, group)          # redraw if due, moment rule
-    gA, gB = projection.project(G, A, B, scale)           # ∂L/∂A, ∂L/∂B
-    dA, dB = adamw_delta(A, gA, ...), adamw_delta(B, gB, ...)
-    projection.add_delta_(W, A, B, dA, dB, scale)         # W += s·(Δ(A+dA, B+dB) − Δ(A, B))
-    projection.commit_(state, A, B, dA, dB)               # keep the new factors
+The per-layer and activation-side modes call :meth:`project` (or :meth:`project_activations`)
+on each piece of the gradient with the factors of :meth:`step_factors`, and the engine steps
+with the sums. Every member the engine or the modes use is declared on :class:`Projection`;
+nothing is looked up by ``getattr``.
 
 Per-parameter state made by :meth:`Projection.init_state` holds tensors and plain ints only,
 so optimizer checkpoints load with ``torch.load(..., weights_only=True)``.
@@ -22,37 +25,58 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import Tensor
 
-__all__ = ["Projection", "FactorState", "MOMENT_KEYS"]
+from lora_optim.options import Option
+from lora_optim.state_keys import FACTOR_A, FACTOR_B
 
-#: State keys of the Adam moments of each factor; the optimizer owns them, moment rules at a
-#: resample (see :mod:`lora_optim.moment_rules`) transform them.
-MOMENT_KEYS = {"A": ("exp_avg_A", "exp_avg_sq_A"), "B": ("exp_avg_B", "exp_avg_sq_B")}
+__all__ = ["Projection", "FactorState", "FactorChange"]
 
 #: Per-parameter state of a projection: tensors and plain ints or floats only.
 FactorState = dict[str, Any]
+
+
+class FactorChange(NamedTuple):
+    """One step of the factors of one parameter, as the engine hands it to the write.
+
+    ``A``, ``B`` are the factors before the step and ``A_new``, ``B_new`` after it (as stored);
+    ``dA = A_new − A`` and ``dB = B_new − B`` are the steps the stored factors really took, so
+    the changes written into ``W`` telescope to ``s·(Δ(A_t, B_t) − Δ(A_0, B_0))`` of the
+    stored factors.
+    """
+
+    A: Tensor
+    B: Tensor
+    A_new: Tensor
+    B_new: Tensor
+    dA: Tensor
+    dB: Tensor
 
 
 class Projection(abc.ABC):
     """How a full gradient becomes low-rank factor gradients and back.
 
     Subclasses set :attr:`name` (the string users pass as ``projection=``) and may declare
-    per-group :attr:`options` with their defaults; the optimizer fills missing options into
-    every param group that uses the variant and calls :meth:`validate_options` on it.
-    Instances are stateless: everything per parameter lives in the state dict they create.
+    per-group :attr:`options`. Instances are stateless: everything per parameter lives in the
+    state dict they create.
     """
 
     #: The name users select the variant by, e.g. ``"lora"``.
     name: ClassVar[str]
-    #: Per-group options of this variant and their defaults.
-    options: ClassVar[Mapping[str, Any]] = {}
+    #: Per-group options of this variant (:class:`~lora_optim.options.Option` entries: name,
+    #: default, check). The optimizer fills and validates them in every group using the variant.
+    options: ClassVar[tuple[Option, ...]] = ()
+    #: Whether :meth:`project` takes a ``G`` of lower precision than the factors (a bf16 ``G``
+    #: with fp32 factors). If not, the engine converts ``G`` to the factor dtype first (a
+    #: weight-sized copy).
+    accepts_low_precision_grad: ClassVar[bool] = False
 
     def validate_options(self, group: Mapping[str, Any]) -> None:
-        """Raise ``ValueError``/``TypeError`` naming the option and value if ``group`` is invalid."""
+        """Checks that involve several options of ``group`` (each option's own check has run).
+        Raise ``ValueError`` naming the options and values. The default accepts everything."""
 
     @abc.abstractmethod
     def init_state(
@@ -61,73 +85,81 @@ class Projection(abc.ABC):
         """Per-parameter state for the ``out×in`` matrix ``weight``; must not change ``weight``.
 
         ``rank`` is already clipped to ``min(rank, out, in)``; ``seed`` is this parameter's
-        int seed; factors are made in ``factor_dtype`` (fp32 for bf16/fp16 weights).
+        int seed; factors are made in ``factor_dtype`` (fp32 for bf16/fp16 weights) on
+        ``weight``'s device. Draw random numbers from ``seed`` (e.g. with
+        :func:`lora_optim.seeding.gaussian`), never from torch's global RNG.
         """
 
     @abc.abstractmethod
     def current_factors(self, state: FactorState, group: Mapping[str, Any]) -> tuple[Tensor, Tensor]:
-        """The factors ``(A, B)`` as they stand, without side effects (used by ``get_factors``)."""
-
-    def begin_step(self, state: FactorState, group: Mapping[str, Any]) -> tuple[Tensor, Tensor]:
-        """The factors to project with at this step. Resampling variants redraw them here
-        when due (and apply their moment rule to ``state``); the default returns
-        :meth:`current_factors`."""
-        return self.current_factors(state, group)
+        """The factors ``(A, B)`` as they stand, without side effects (``get_factors``, export)."""
 
     def step_factors(self, state: FactorState, group: Mapping[str, Any]) -> tuple[Tensor, Tensor]:
-        """The factors :meth:`begin_step` returned for the step in progress, read back from
-        ``state`` without side effects (and identical tensors for stored factors, since
-        :meth:`commit_` may update them in place). Used when the gradient of one step arrives
-        in several pieces (micro-batches, per-layer and activation-side modes): ``begin_step``
-        runs once, at the first piece. The default returns :meth:`current_factors`."""
+        """The factors the next step projects with, without side effects: it may be called for
+        every piece of a gradient (micro-batches, layer uses) and again at the step, and must
+        return equal values each time until :meth:`begin_step` runs. Redrawing variants return
+        the new draw when one is due. The default returns :meth:`current_factors`."""
         return self.current_factors(state, group)
 
+    def begin_step(
+        self, state: FactorState, group: Mapping[str, Any], A: Tensor, B: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """Commit the step that :meth:`step_factors` announced (``A``, ``B`` are what it returned)
+        and return the tensors the engine's Adam call updates in place: the stored factors, or
+        ``A`` and ``B`` themselves when nothing is stored. Called once per step taken, never for
+        a skipped step. Redrawing variants advance their counters and apply their moment rule
+        here. The default returns ``(A, B)``."""
+        return A, B
+
     @abc.abstractmethod
-    def project(self, grad: Tensor, A: Tensor, B: Tensor, scale: float) -> tuple[Tensor, Tensor]:
-        """Factor gradients ``(∂L/∂A, ∂L/∂B)`` from the full gradient ``grad`` (``out×in``)."""
+    def project(self, grad: Tensor, A: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
+        """Factor gradients ``(∂L/∂A, ∂L/∂B)`` at scale ``s = 1`` from the full gradient ``grad``
+        (``out×in``); the engine multiplies both by ``s``. ``grad`` has the factors' dtype unless
+        :attr:`accepts_low_precision_grad` is set. Return new tensors of the factors' dtype."""
 
     def project_activations(
-        self, inputs: Tensor, output_grads: Tensor, A: Tensor, B: Tensor, scale: float
+        self, inputs: Tensor, output_grads: Tensor, A: Tensor, B: Tensor
     ) -> tuple[Tensor, Tensor]:
-        """Factor gradients from a linear layer's activations instead of ``G``.
+        """:meth:`project` of ``G = output_gradsᵀ·inputs`` without forming ``G`` where possible.
 
-        For ``Y = X·Wᵀ`` over ``n`` rows (tokens), ``inputs`` is ``X`` (``n×in``) and
-        ``output_grads`` is ``δY = ∂L/∂Y`` (``n×out``), so ``G = δYᵀ·X``. Variants override this
-        to avoid forming ``G`` (the activation-side mode, :mod:`lora_optim.activation`); this
-        default forms ``G`` and calls :meth:`project`, which is correct for any variant that is
-        linear in ``G`` (every projection is: the factor gradients are ``∂L/∂A``, ``∂L/∂B``).
+        For a linear layer ``Y = X·Wᵀ`` over ``n`` rows (tokens), ``inputs`` is ``X`` (``n×in``)
+        and ``output_grads`` is ``δY = ∂L/∂Y`` (``n×out``), both in the factors' dtype. The
+        default forms ``G`` and calls :meth:`project`, which is correct for every variant
+        (every projection is linear in ``G``); variants override it to avoid the ``out×in``
+        product (the activation-side mode, :mod:`lora_optim.activation`).
         """
-        return self.project(torch.mm(output_grads.t(), inputs), A, B, scale)
+        return self.project(torch.mm(output_grads.t(), inputs), A, B)
 
     @abc.abstractmethod
-    def add_delta_(self, target: Tensor, A: Tensor, B: Tensor, dA: Tensor, dB: Tensor, scale: float) -> None:
-        """``target += scale·(Δ(A+dA, B+dB) − Δ(A, B))`` in place, where ``Δ`` is the variant's
-        parametrisation of the weight change (``A·B`` for LoRA). ``target`` is ``W`` itself or
-        a float buffer of its shape (see :mod:`lora_optim.precision`)."""
+    def add_delta_(self, target: Tensor, change: FactorChange, scale: float, row_start: int = 0) -> None:
+        """``target += scale·(Δ(A_new, B_new) − Δ(A, B))`` in place, for the rows
+        ``row_start : row_start + len(target)`` of ``W`` that ``target`` holds; ``Δ`` is the
+        variant's parametrisation of the weight change (``A·B`` for LoRA).
 
-    def commit_(self, state: FactorState, A: Tensor, B: Tensor, dA: Tensor, dB: Tensor) -> None:
-        """Keep the stepped factors. The default adds the steps into the stored factors."""
-        A.add_(dA)
-        B.add_(dB)
+        ``target`` is ``W`` itself (any float dtype), a block of its rows, or a buffer of the
+        factor dtype (the write modes of :mod:`lora_optim.precision` pass one). A target of
+        lower precision than the factors is rounded once per element, as ``target.add_(delta)``
+        would round."""
 
-    def probe_delta(self, A: Tensor, B: Tensor, dA: Tensor, dB: Tensor, scale: float, probes: Tensor) -> Tensor:
+    def probe_delta(self, change: FactorChange, scale: float, probes: Tensor) -> Tensor:
         """The exact change of ``W·X`` this step, in fp64, for the drift check (:mod:`lora_optim.drift`):
-        ``s·(Δ(A', B') − Δ(A, B))·X`` with ``A' = A + dA`` rounded as :meth:`commit_` stores it.
+        ``s·(Δ(A_new, B_new) − Δ(A, B))·X``.
 
         ``probes`` is ``X`` (``in×k``, fp64). This default is correct for any variant but forms a
         full fp64 ``out×in`` buffer through :meth:`add_delta_`; variants override it with a
         formula of cost ``O(r·(out+in)·k)``.
         """
-        A64, B64 = A.to(probes.dtype), B.to(probes.dtype)
-        dA64, dB64 = (A + dA).to(probes.dtype) - A64, (B + dB).to(probes.dtype) - B64
-        change = torch.zeros(A.shape[0], B.shape[1], dtype=probes.dtype, device=probes.device)
-        self.add_delta_(change, A64, B64, dA64, dB64, scale)
-        return change @ probes
+        wide = FactorChange(*(t.to(probes.dtype) for t in change))
+        wide = wide._replace(dA=wide.A_new - wide.A, dB=wide.B_new - wide.B)
+        buffer = torch.zeros(change.A.shape[0], change.B.shape[1], dtype=probes.dtype, device=probes.device)
+        self.add_delta_(buffer, wide, scale)
+        return buffer @ probes
 
     def set_factors_(self, state: FactorState, A: Tensor, B: Tensor, group: Mapping[str, Any]) -> None:
-        """Replace the stored factors by copies of ``A`` and ``B`` (shapes already checked)."""
-        state["A"].copy_(A)
-        state["B"].copy_(B)
+        """Replace the stored factors by copies of ``A`` and ``B`` (shapes and dtype already made
+        to match). Variants that store no factors raise ``ValueError`` saying why."""
+        state[FACTOR_A].copy_(A)
+        state[FACTOR_B].copy_(B)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r})"

@@ -15,7 +15,8 @@ and after a step of the factors the weight moves by
     \\qquad dA = A' - A,\\ dB = B' - B,
 
 one GEMM of inner size ``2r`` that forms the change directly (no cancellation between two
-products of size ``W``). Trained with Adam on ``A`` and ``B`` this is the same training as PEFT's
+products of size ``W``), with ``A'`` and ``dA`` as the engine hands them over
+(:class:`~lora_optim.projections.FactorChange`). Trained with Adam on ``A`` and ``B`` this is the same training as PEFT's
 LoRA with AdamW on ``lora_B`` (our ``A``) and ``lora_A`` (our ``B``).
 
 Inits (option ``init``):
@@ -37,52 +38,47 @@ import torch
 from torch import Tensor
 
 from lora_optim.kernels import native_kernels
-from lora_optim.kernels.blocks import add_in_row_blocks_, row_blocks
+from lora_optim.kernels.blocks import row_blocks
+from lora_optim.options import Option, choice
 from lora_optim.projections import register_projection
-from lora_optim.projections.base import FactorState, Projection
+from lora_optim.projections.base import FactorChange, FactorState, Projection
 from lora_optim.seeding import derive_seed, kaiming_uniform_bound, uniform
+from lora_optim.state_keys import FACTOR_A, FACTOR_B
 
-__all__ = ["LoRAProjection", "lowrank_project", "lowrank_project_activations", "lowrank_add_delta_"]
+__all__ = ["LoRAProjection", "LORA_INITS", "lowrank_project", "lowrank_project_activations", "lowrank_add_delta_"]
 
+#: Values of the ``init`` option of ``lora``.
 LORA_INITS = ("peft", "symmetric")
 
 
-def lowrank_project(grad: Tensor, A: Tensor, B: Tensor, scale: float) -> tuple[Tensor, Tensor]:
-    """``(s·G·Bᵀ, s·Aᵀ·G)``: the gradients of ``L(W0 + s·A·B)`` with respect to ``A`` and ``B``.
+def lowrank_project(grad: Tensor, A: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
+    """``(G·Bᵀ, Aᵀ·G)``: the gradients of ``L(W0 + A·B)`` with respect to ``A`` and ``B`` (``s = 1``).
 
-    ``grad`` may have a lower precision than the factors (a bf16 ``G`` with fp32 factors): the
-    sums are formed in the factors' dtype without a full-precision copy of ``G``. On the CPU
-    both products come from one pass over ``G`` (:mod:`lora_optim.kernels`); elsewhere from two
-    GEMMs. The paths agree to float rounding.
+    ``grad`` may have a lower precision than the factors (a bf16 ``G`` with fp32 factors). On the
+    CPU both products come from one pass over ``G`` that reads it in its own dtype
+    (:mod:`lora_optim.kernels`); elsewhere from two GEMMs, after converting a low-precision ``G``
+    block by block (:mod:`lora_optim.kernels.blocks`). The paths agree to float rounding.
     """
     kernels = native_kernels()
     if kernels is not None and kernels.supports(grad, A.dtype):
-        grad_A, grad_B = kernels.project_lowrank(grad, A, B)
-    elif grad.dtype == A.dtype:
-        grad_A, grad_B = torch.mm(grad, B.t()), torch.mm(A.t(), grad)
-    else:
-        grad_A, grad_B = _project_in_row_blocks(grad, A, B)
-    if scale != 1.0:
-        grad_A.mul_(scale)
-        grad_B.mul_(scale)
-    return grad_A, grad_B
-
-
-def _project_in_row_blocks(grad: Tensor, A: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
-    # Low-precision G on the torch path: convert one cache-sized block of rows at a time.
+        return kernels.project_lowrank(grad, A, B)
+    if grad.dtype == A.dtype:
+        return torch.mm(grad, B.t()), torch.mm(A.t(), grad)
+    blocks = list(row_blocks(grad.shape[0], grad.shape[1], A.dtype, grad.device))
+    if len(blocks) == 1:
+        wide = grad.to(A.dtype)
+        return torch.mm(wide, B.t()), torch.mm(A.t(), wide)
     grad_A = torch.empty(grad.shape[0], A.shape[1], dtype=A.dtype, device=A.device)
     grad_B = torch.zeros(B.shape, dtype=B.dtype, device=B.device)
-    for start, stop in row_blocks(grad.shape[0], grad.shape[1], A.dtype):
+    for start, stop in blocks:
         block = grad[start:stop].to(A.dtype)
         torch.mm(block, B.t(), out=grad_A[start:stop])
         grad_B.addmm_(A[start:stop].t(), block)
     return grad_A, grad_B
 
 
-def lowrank_project_activations(
-    inputs: Tensor, output_grads: Tensor, A: Tensor, B: Tensor, scale: float
-) -> tuple[Tensor, Tensor]:
-    """``(s·δYᵀ(X·Bᵀ), s·(δY·A)ᵀX)``: :func:`lowrank_project` of ``G = δYᵀX`` without forming ``G``.
+def lowrank_project_activations(inputs: Tensor, output_grads: Tensor, A: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
+    """``(δYᵀ(X·Bᵀ), (δY·A)ᵀX)``: :func:`lowrank_project` of ``G = δYᵀX`` without forming ``G``.
 
     ``inputs`` is ``X`` (``n×in``), ``output_grads`` is ``δY`` (``n×out``). Four GEMMs with an
     inner or outer size ``r``: ``2·n·r·(in+out)`` multiply-adds instead of ``n·in·out`` for ``G``.
@@ -92,35 +88,36 @@ def lowrank_project_activations(
     """
     grad_A = torch.mm(torch.mm(B, inputs.t()), output_grads).t()
     grad_B = torch.mm(torch.mm(A.t(), output_grads.t()), inputs)
-    if scale != 1.0:
-        grad_A.mul_(scale)
-        grad_B.mul_(scale)
     return grad_A, grad_B
 
 
-def lowrank_add_delta_(
-    target: Tensor, A: Tensor, B: Tensor, dA: Tensor, dB: Tensor, scale: float, *, row_start: int = 0
-) -> None:
-    """``target += s·((A+dA)(B+dB) − AB) = s·[A+dA, dA]·[dB; B]`` with one product of inner size 2r.
+def lowrank_add_delta_(target: Tensor, change: FactorChange, scale: float, row_start: int = 0) -> None:
+    """``target += s·(A'B' − AB) = s·[A', dA]·[dB; B]``: one product of inner size ``2r``.
 
-    ``target`` holds rows ``row_start : row_start + len(target)`` of ``W`` (all of ``W`` by
-    default). It may have the factors' dtype or a lower precision (a bf16 ``W``); then each
-    element is rounded to nearest once, ``W ← round(W + s·ΔW)``, with no weight-sized
-    temporary. On the CPU one pass reads and writes each element of ``target`` once
-    (:mod:`lora_optim.kernels`); elsewhere one GEMM (per row block for a low-precision target).
+    ``target`` holds rows ``row_start : row_start + len(target)`` of ``W``. It may have the
+    factors' dtype or a lower precision (a bf16 ``W``); then each element is rounded to nearest
+    once, ``W ← round(W + s·ΔW)``. On the CPU one pass reads and writes each element of
+    ``target`` once with no temporary (:mod:`lora_optim.kernels`); elsewhere one GEMM into
+    ``target`` (same dtype), or into one temporary of ``target``'s size (lower precision: the
+    caller bounds it by passing blocks of rows).
     """
-    rows = slice(row_start, row_start + target.shape[0])
-    left = torch.cat((A[rows] + dA[rows], dA[rows]), dim=1)
-    right = torch.cat((dB, B), dim=0)
+    A_new, dA = change.A_new, change.dA
+    if row_start != 0 or target.shape[0] != A_new.shape[0]:
+        A_new, dA = A_new[row_start : row_start + target.shape[0]], dA[row_start : row_start + target.shape[0]]
+    left = torch.cat((A_new, dA), dim=1)
+    right = torch.cat((change.dB, change.B), dim=0)
     kernels = native_kernels()
     if kernels is not None and kernels.supports(target, left.dtype):
         kernels.add_lowrank_(target, left, right, scale)
         torch.autograd.graph.increment_version(target)  # as an in-place torch op would
-        return
-    add_in_row_blocks_(
-        target, left.dtype,
-        lambda buffer, start: buffer.addmm_(left[start : start + buffer.shape[0]], right, alpha=scale),
-    )
+    elif target.dtype == left.dtype:
+        target.addmm_(left, right, alpha=scale)
+    else:
+        target.add_(torch.mm(left, right), alpha=scale)
+
+
+def _check_init(name: str, value: Any) -> str:
+    return choice(LORA_INITS)(name, value)
 
 
 @register_projection
@@ -131,15 +128,8 @@ class LoRAProjection(Projection):
     """
 
     name = "lora"
-    options: Mapping[str, Any] = {"init": "peft"}
-    #: :meth:`project` takes a ``G`` of lower precision than the factors (the optimizer then
-    #: skips its weight-sized cast of a bf16 ``G``).
+    options = (Option("init", "peft", _check_init, doc="factor init: 'peft' (A = 0) or 'symmetric'"),)
     accepts_low_precision_grad = True
-
-    def validate_options(self, group: Mapping[str, Any]) -> None:
-        """``init`` must be one of ``"peft"``, ``"symmetric"``."""
-        if group["init"] not in LORA_INITS:
-            raise ValueError(f"init must be one of {LORA_INITS}, got {group['init']!r}")
 
     def init_state(
         self, weight: Tensor, rank: int, seed: int, factor_dtype: torch.dtype, group: Mapping[str, Any]
@@ -154,36 +144,27 @@ class LoRAProjection(Projection):
                         dtype=factor_dtype, device=device)
         else:
             A = torch.zeros(out_features, rank, dtype=factor_dtype, device=device)
-        return {"A": A, "B": B}
+        return {FACTOR_A: A, FACTOR_B: B}
 
     def current_factors(self, state: FactorState, group: Mapping[str, Any]) -> tuple[Tensor, Tensor]:
         """The stored ``(A, B)``."""
-        return state["A"], state["B"]
+        return state[FACTOR_A], state[FACTOR_B]
 
-    def project(self, grad: Tensor, A: Tensor, B: Tensor, scale: float) -> tuple[Tensor, Tensor]:
-        """``(s·G·Bᵀ, s·Aᵀ·G)``; ``grad`` may be of lower precision than the factors."""
-        return lowrank_project(grad, A, B, scale)
+    def project(self, grad: Tensor, A: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
+        """``(G·Bᵀ, Aᵀ·G)``; ``grad`` may be of lower precision than the factors."""
+        return lowrank_project(grad, A, B)
 
-    def project_activations(
-        self, inputs: Tensor, output_grads: Tensor, A: Tensor, B: Tensor, scale: float
-    ) -> tuple[Tensor, Tensor]:
-        """``(s·δYᵀ(X·Bᵀ), s·(δY·A)ᵀX)``, never forming ``G = δYᵀX``."""
-        return lowrank_project_activations(inputs, output_grads, A, B, scale)
+    def project_activations(self, inputs: Tensor, output_grads: Tensor, A: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
+        """``(δYᵀ(X·Bᵀ), (δY·A)ᵀX)``, never forming ``G = δYᵀX``."""
+        return lowrank_project_activations(inputs, output_grads, A, B)
 
-    def add_delta_(self, target: Tensor, A: Tensor, B: Tensor, dA: Tensor, dB: Tensor, scale: float) -> None:
-        """``target += s·(A'B' − AB)``, one product of inner size 2r."""
-        lowrank_add_delta_(target, A, B, dA, dB, scale)
+    def add_delta_(self, target: Tensor, change: FactorChange, scale: float, row_start: int = 0) -> None:
+        """``target += s·(A'B' − AB)``, one product of inner size 2r (:func:`lowrank_add_delta_`)."""
+        lowrank_add_delta_(target, change, scale, row_start)
 
-    def add_delta_rows_(
-        self, target: Tensor, row_start: int, A: Tensor, B: Tensor, dA: Tensor, dB: Tensor, scale: float
-    ) -> None:
-        """Rows ``row_start : row_start + len(target)`` of the change, into a target of the factor
-        dtype or of lower precision (rounded once per element); see :func:`lowrank_add_delta_`."""
-        lowrank_add_delta_(target, A, B, dA, dB, scale, row_start=row_start)
-
-    def probe_delta(self, A: Tensor, B: Tensor, dA: Tensor, dB: Tensor, scale: float, probes: Tensor) -> Tensor:
-        """``s·(A'(B'X) − A(BX))`` in fp64 with the stored ``A' = A + dA``, ``B' = B + dB``: summed
-        over steps it telescopes to ``s·(A_t B_t − A_0 B_0)·X`` (over draws, for ``random``)."""
-        A_new, B_new = (A + dA).to(probes.dtype), (B + dB).to(probes.dtype)
-        A_old, B_old = A.to(probes.dtype), B.to(probes.dtype)
+    def probe_delta(self, change: FactorChange, scale: float, probes: Tensor) -> Tensor:
+        """``s·(A'(B'X) − A(BX))`` in fp64 with the stored factors: summed over steps it telescopes
+        to ``s·(A_t B_t − A_0 B_0)·X`` (over draws, for ``random``)."""
+        A_new, B_new = change.A_new.to(probes.dtype), change.B_new.to(probes.dtype)
+        A_old, B_old = change.A.to(probes.dtype), change.B.to(probes.dtype)
         return (A_new @ (B_new @ probes)).sub_(A_old @ (B_old @ probes)).mul_(scale)

@@ -16,6 +16,12 @@ stream is stored. With ``resample_every=1`` the factors are not stored either: e
 factors are that step's draw, regenerated from the seed (state is the moments alone). With a
 longer period the factors train between draws, so they are stored.
 
+The draw a step uses is fixed by :meth:`RandomProjection.step_factors` without side effects, and
+committed (draw counter, moment rule) by :meth:`RandomProjection.begin_step` only when the step
+is taken: a step skipped for a NaN/Inf gradient leaves the draws as they were, in every mode.
+:meth:`~lora_optim.LoRAAdam.set_factors` starts a new period of ``resample_every`` steps with
+the factors it sets.
+
 Options: ``resample_every`` (int ≥ 1, default 1) and ``moment_rule`` (``"keep"``,
 ``"reset"`` or ``"transport"``, see :mod:`lora_optim.moment_rules`).
 State: ``draws`` (number of draws made), ``age`` (steps taken on the current draw), and
@@ -33,10 +39,12 @@ import torch
 from torch import Tensor
 
 from lora_optim.moment_rules import MOMENT_RULES, apply_moment_rule_
+from lora_optim.options import Option, choice, integer
 from lora_optim.projections import register_projection
 from lora_optim.projections.base import FactorState
 from lora_optim.projections.lora import LoRAProjection
 from lora_optim.seeding import derive_seed, gaussian
+from lora_optim.state_keys import AGE, DRAWS, EXP_AVG_A, EXP_AVG_B, FACTOR_A, FACTOR_B, RANK, SEED
 
 __all__ = ["RandomProjection", "draw_factors"]
 
@@ -75,88 +83,80 @@ class RandomProjection(LoRAProjection):
     """Random Gaussian factors, redrawn every ``resample_every`` steps (see module docstring)."""
 
     name = "random"
-    options: Mapping[str, Any] = {"resample_every": 1, "moment_rule": "keep"}
-
-    def validate_options(self, group: Mapping[str, Any]) -> None:
-        """``resample_every`` a positive int; ``moment_rule`` a known rule."""
-        every = group["resample_every"]
-        if not isinstance(every, int) or isinstance(every, bool) or every < 1:
-            raise ValueError(f"resample_every must be an int >= 1, got {every!r}")
-        if group["moment_rule"] not in MOMENT_RULES:
-            raise ValueError(f"moment_rule must be one of {tuple(MOMENT_RULES)}, got {group['moment_rule']!r}")
+    options = (
+        Option("resample_every", 1, integer(1), doc="steps per draw of the random factors"),
+        Option("moment_rule", "keep", choice(tuple(MOMENT_RULES)), doc="what a redraw does to the moments"),
+    )
 
     def init_state(
         self, weight: Tensor, rank: int, seed: int, factor_dtype: torch.dtype, group: Mapping[str, Any]
     ) -> FactorState:
         """Draw 0 is the current draw; factors are stored only if ``resample_every > 1``."""
-        state: FactorState = {"draws": 1, "age": 0}
+        state: FactorState = {DRAWS: 1, AGE: 0}
         if group["resample_every"] > 1:
             out_features, in_features = weight.shape
-            state["A"], state["B"] = draw_factors(out_features, in_features, rank, seed, 0,
-                                                  dtype=factor_dtype, device=weight.device)
+            state[FACTOR_A], state[FACTOR_B] = draw_factors(
+                out_features, in_features, rank, seed, 0, dtype=factor_dtype, device=weight.device)
         return state
 
     @staticmethod
     def _draw(state: FactorState, draw: int) -> tuple[Tensor, Tensor]:
         # Shapes, dtype and device come from the moments, which every low-rank state has.
-        exp_avg_A, exp_avg_B = state["exp_avg_A"], state["exp_avg_B"]
-        return draw_factors(exp_avg_A.shape[0], exp_avg_B.shape[1], state["rank"], state["seed"], draw,
+        exp_avg_A, exp_avg_B = state[EXP_AVG_A], state[EXP_AVG_B]
+        return draw_factors(exp_avg_A.shape[0], exp_avg_B.shape[1], state[RANK], state[SEED], draw,
                             dtype=exp_avg_A.dtype, device=exp_avg_A.device)
 
     @staticmethod
     def _current_draw(state: FactorState) -> tuple[Tensor, Tensor]:
-        if "A" in state:
-            return state["A"], state["B"]
-        return RandomProjection._draw(state, state["draws"] - 1)
+        if FACTOR_A in state:
+            return state[FACTOR_A], state[FACTOR_B]
+        return RandomProjection._draw(state, state[DRAWS] - 1)
 
     @staticmethod
     def _due(state: FactorState, group: Mapping[str, Any]) -> bool:
-        return state["age"] >= group["resample_every"]
+        return state[AGE] >= group["resample_every"]
 
     def current_factors(self, state: FactorState, group: Mapping[str, Any]) -> tuple[Tensor, Tensor]:
         """Stored factors, or (when not stored) the draw the next step will use."""
-        if "A" not in state and self._due(state, group):
-            return self._draw(state, state["draws"])
+        if FACTOR_A not in state:
+            return self.step_factors(state, group)
         return self._current_draw(state)
-
-    def begin_step(self, state: FactorState, group: Mapping[str, Any]) -> tuple[Tensor, Tensor]:
-        """Redraw if ``resample_every`` steps were taken on the current draw, applying the moment rule.
-
-        One draw per redraw: the outgoing draw is regenerated only if the moment rule reads it,
-        and the new draw is returned as made (not regenerated again).
-        """
-        if not self._due(state, group):
-            state["age"] += 1
-            return self._current_draw(state)
-        if "A" in state:
-            old: Sequence[Tensor] = (state["A"], state["B"])  # read by the moment rule before the copy below
-        else:
-            old = _LazyDraw(self._draw, state, state["draws"] - 1)
-        new = self._draw(state, state["draws"])
-        state["draws"] += 1
-        state["age"] = 1
-        apply_moment_rule_(group["moment_rule"], state, old, new)
-        if "A" in state:
-            state["A"].copy_(new[0])
-            state["B"].copy_(new[1])
-            return state["A"], state["B"]
-        return new
 
     def step_factors(self, state: FactorState, group: Mapping[str, Any]) -> tuple[Tensor, Tensor]:
-        """The draw :meth:`begin_step` chose for the step in progress (stored, or regenerated from
-        the seed), never the next one."""
+        """The draw the next step uses: the next draw if ``resample_every`` steps were taken on
+        the current one, else the current one (stored, or regenerated from the seed). Pure."""
+        if self._due(state, group):
+            return self._draw(state, state[DRAWS])
         return self._current_draw(state)
 
-    def commit_(self, state: FactorState, A: Tensor, B: Tensor, dA: Tensor, dB: Tensor) -> None:
-        """Stored factors take the step; regenerated ones are discarded (the next step redraws)."""
-        if "A" in state:
-            super().commit_(state, A, B, dA, dB)
+    def begin_step(
+        self, state: FactorState, group: Mapping[str, Any], A: Tensor, B: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """Count the step on the current draw, or commit the redraw :meth:`step_factors`
+        announced: advance the draw counter, apply the moment rule (from the outgoing draw,
+        regenerated only if the rule reads it) and store the new factors when they are stored."""
+        stored = FACTOR_A in state
+        if not self._due(state, group):
+            state[AGE] += 1
+            return (state[FACTOR_A], state[FACTOR_B]) if stored else (A, B)
+        old: Sequence[Tensor] = (state[FACTOR_A], state[FACTOR_B]) if stored else _LazyDraw(
+            self._draw, state, state[DRAWS] - 1)
+        apply_moment_rule_(group["moment_rule"], state, old, (A, B))  # reads old before the copy below
+        state[DRAWS] += 1
+        state[AGE] = 1
+        if not stored:
+            return A, B
+        state[FACTOR_A].copy_(A)
+        state[FACTOR_B].copy_(B)
+        return state[FACTOR_A], state[FACTOR_B]
 
     def set_factors_(self, state: FactorState, A: Tensor, B: Tensor, group: Mapping[str, Any]) -> None:
-        """Only possible when factors are stored (``resample_every > 1``); they last until the next redraw."""
-        if "A" not in state:
+        """Only possible when factors are stored (``resample_every > 1``); they are used for the
+        next ``resample_every`` steps (a redraw that was due is not made)."""
+        if FACTOR_A not in state:
             raise ValueError(
                 "set_factors needs stored factors; with projection='random' and resample_every=1 every step "
                 "draws new factors, so there is nothing to set"
             )
         super().set_factors_(state, A, B, group)
+        state[AGE] = 0

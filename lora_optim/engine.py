@@ -1,0 +1,349 @@
+"""The step engine: one optimizer step over lists of parameters.
+
+:class:`~lora_optim.LoRAAdam` gathers what a step needs into :class:`DenseBatch` and
+:class:`LowRankBatch` lists (one batch per param group and device) and calls :func:`step_`; the
+per-layer and activation-side modes reach the same function through ``step()``, with projected
+sums in place of ``G`` (:func:`project_piece`, :func:`project_activation_piece`). Nothing here
+knows the optimizer class. As ``torch.optim.adamw`` does, the math runs over lists, so the
+number of kernel launches and host syncs per step does not grow with the work:
+
+1. every low-rank matrix: the step's factors (:meth:`Projection.step_factors`, pure) and the
+   factor gradients ``(G·Bᵀ, Aᵀ·G)`` for ``lora`` (four ops with the transposes);
+2. one finite check of every gradient, factor gradient and factor moment, and of a
+   ``GradScaler``'s ``found_inf``: one fused reduction per list, **one host sync per step**
+   (:class:`~lora_optim.nonfinite.FiniteCheck`). ``nonfinite="raise"`` raises here, before
+   anything has changed; a skipped parameter stops here, unchanged;
+3. :meth:`Projection.begin_step` commits each step's factors (``random``'s draw counter);
+4. per device and dtype: the scale ``s`` on all factor gradients, a copy of all factors, the
+   step counts, **one** ``torch._fused_adamw_`` on all factors (the kernel of
+   ``torch.optim.AdamW(fused=True)``; a ``GradScaler``'s scale is divided out inside it), and
+   ``dA = A' − A`` for all of them: five ops for the whole batch;
+5. every matrix: the write ``W += s·(Δ(A', B') − Δ(A, B))`` by its write mode (three ops for
+   ``lora`` into an fp32 ``W``: two concatenations and one ``addmm_``).
+
+So a ``lora`` matrix costs seven aten ops per step on the torch path, whatever the number of
+matrices; ``tests/test_engine.py`` counts them with a ``TorchDispatchMode``.
+
+Dense parameters (``rank=None`` groups, vectors) take one ``torch._fused_adamw_`` per batch,
+bit for bit ``torch.optim.AdamW(fused=True)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lora_optim.drift import record_drift_step_
+from lora_optim.matrix import as_matrix, writable_matrix
+from lora_optim.nonfinite import FiniteCheck, NonFiniteGradientError
+from lora_optim.precision import WeightWriter
+from lora_optim.projections.base import FactorChange, Projection
+from lora_optim.state_keys import DRIFT_CHANGE, EXP_AVG, EXP_AVG_SQ, MOMENT_KEYS, STEP
+from lora_optim.weight_change import WeightDelta
+
+__all__ = [
+    "AdamHyper",
+    "DenseBatch",
+    "LowRankItem",
+    "LowRankBatch",
+    "StepReport",
+    "step_",
+    "adamw_",
+    "prepare_grad",
+    "project_piece",
+    "project_activation_piece",
+    "FUSED_DEVICE_TYPES",
+]
+
+#: Device types with ``torch._fused_adamw_`` kernels; elsewhere the foreach fallback runs.
+FUSED_DEVICE_TYPES = frozenset({"cpu", "cuda", "mps", "xpu"})
+
+#: Why a parameter was skipped.
+GRADIENT_CAUSE = "its gradient has NaN or Inf entries; the weight and its optimizer state were left unchanged"
+STATE_CAUSE = ("its optimizer state (the factors' Adam moments) is not finite; the weight and its optimizer "
+               "state were left unchanged")
+
+
+@dataclass(frozen=True)
+class AdamHyper:
+    """AdamW hyperparameters of one param group, as read at this step."""
+
+    lr: float | Tensor
+    beta1: float
+    beta2: float
+    eps: float
+    weight_decay: float
+
+
+@dataclass
+class DenseBatch:
+    """Densely trained parameters of one param group on one device and dtype, with their gradients."""
+
+    hyper: AdamHyper
+    params: list[Tensor] = field(default_factory=list)
+    grads: list[Tensor] = field(default_factory=list)
+    states: list[dict[str, Any]] = field(default_factory=list)
+    #: Names for messages, e.g. ``"parameter 3 (group 1, shape (4,))"``.
+    names: list[str] = field(default_factory=list)
+    #: Each parameter's ``nonfinite`` policy.
+    policies: list[str] = field(default_factory=list)
+
+
+@dataclass
+class LowRankItem:
+    """One low-rank matrix in a step: its gradient ``G`` (plain mode) or its projected sums (modes)."""
+
+    param: Tensor
+    state: dict[str, Any]
+    name: str
+    policy: str
+    writer: WeightWriter
+    grad: Tensor | None = None
+    sums: tuple[Tensor, Tensor] | None = None
+    # Filled by the engine.
+    factors: tuple[Tensor, Tensor] | None = None
+    factor_grads: tuple[Tensor, Tensor] | None = None
+
+
+@dataclass
+class LowRankBatch:
+    """Low-rank matrices of one param group (one projection, scale and hyperparameters)."""
+
+    projection: Projection
+    options: Mapping[str, Any]
+    scale: float
+    hyper: AdamHyper
+    items: list[LowRankItem] = field(default_factory=list)
+
+
+@dataclass
+class StepReport:
+    """What :func:`step_` did not do: ``skipped`` lists ``(name, state, cause)`` of the parameters
+    left unchanged; ``scaler_skipped`` is true when a ``GradScaler`` found an Inf/NaN (then
+    nothing was stepped and nothing is in ``skipped``)."""
+
+    skipped: list[tuple[str, dict[str, Any], str]] = field(default_factory=list)
+    scaler_skipped: bool = False
+
+
+def prepare_grad(grad: Tensor, factor_dtype: torch.dtype, projection: Projection) -> Tensor:
+    """The ``out×in`` matrix view of a gradient piece, in the factor dtype unless the projection
+    reads lower precision itself (:attr:`Projection.accepts_low_precision_grad`). Raises
+    ``TypeError`` for a sparse or otherwise non-strided gradient."""
+    if grad.layout != torch.strided:
+        raise TypeError(f"LoRAAdam does not support sparse gradients; got a gradient with layout {grad.layout}")
+    matrix = as_matrix(grad)
+    if matrix.dtype != factor_dtype and not projection.accepts_low_precision_grad:
+        matrix = matrix.to(factor_dtype)
+    return matrix
+
+
+def project_piece(
+    projection: Projection, state: Mapping[str, Any], options: Mapping[str, Any], grad: Tensor
+) -> tuple[Tensor, Tensor]:
+    """``(∂L/∂A, ∂L/∂B)`` at ``s = 1`` of one gradient piece, with the step's factors.
+
+    A NaN or Inf in ``G`` poisons the result (one reduction, on the device, no sync), so the
+    step's check of the sums sees it even if the projection would hide it.
+    """
+    A, B = projection.step_factors(state, options)
+    matrix = prepare_grad(grad, A.dtype, projection)
+    grad_A, grad_B = projection.project(matrix, A, B)
+    grad_A.add_(torch.linalg.vector_norm(matrix, float("inf")).to(grad_A.dtype).mul_(0))  # 0·Inf = NaN
+    return grad_A, grad_B
+
+
+def project_activation_piece(
+    projection: Projection, state: Mapping[str, Any], options: Mapping[str, Any], inputs: Tensor, output_grads: Tensor
+) -> tuple[Tensor, Tensor]:
+    """``(∂L/∂A, ∂L/∂B)`` at ``s = 1`` of one use of a linear layer: ``inputs`` ``X`` (``...×in``)
+    and ``output_grads`` ``δY`` (``...×out``), rows are tokens; ``G = δYᵀX`` is never formed."""
+    A, B = projection.step_factors(state, options)
+    x_rows = inputs.reshape(-1, inputs.shape[-1])
+    grad_rows = output_grads.reshape(-1, output_grads.shape[-1])
+    if x_rows.dtype != A.dtype:
+        x_rows = x_rows.to(A.dtype)
+    if grad_rows.dtype != A.dtype:
+        grad_rows = grad_rows.to(A.dtype)
+    return projection.project_activations(x_rows, grad_rows, A, B)
+
+
+def adamw_(
+    params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
+    steps: list[Tensor], hyper: AdamHyper, grad_scale: Tensor | None = None,
+) -> None:
+    """One AdamW step on lists of one device and dtype, in place; ``steps`` (aligned with
+    ``params``, already counting this step) are read, not changed.
+
+    ``torch._fused_adamw_`` where the device has it (the kernel of
+    ``torch.optim.AdamW(fused=True)``, so results agree with it bit for bit), else the same math
+    in ``torch._foreach_*`` ops with the bias corrections formed on the device (no host sync).
+    ``grad_scale`` (a ``GradScaler``'s scale) is divided out of ``grads`` in place first.
+
+    The fused CPU kernel walks every tensor as contiguous memory, whatever its strides (a
+    transposed gradient is read in the wrong order), so non-contiguous gradients are made
+    contiguous first, and lists with a non-contiguous parameter or moment take the foreach path.
+    """
+    if not params:
+        return
+    lr = hyper.lr
+    if isinstance(lr, Tensor) and lr.device != params[0].device:
+        lr = float(lr) if lr.device.type == "cpu" else lr.to(params[0].device)
+    grads = [grad if grad.is_contiguous() else grad.contiguous() for grad in grads]
+    contiguous = all(t.is_contiguous() for tensors in (params, exp_avgs, exp_avg_sqs) for t in tensors)
+    if params[0].device.type in FUSED_DEVICE_TYPES and contiguous:
+        torch._fused_adamw_(
+            params, grads, exp_avgs, exp_avg_sqs, [], steps, lr=lr, beta1=hyper.beta1, beta2=hyper.beta2,
+            weight_decay=hyper.weight_decay, eps=hyper.eps, amsgrad=False, maximize=False, grad_scale=grad_scale,
+            found_inf=None,
+        )
+        return
+    _foreach_adamw_(params, grads, exp_avgs, exp_avg_sqs, steps, hyper, lr, grad_scale)
+
+
+def _foreach_adamw_(params, grads, exp_avgs, exp_avg_sqs, steps, hyper: AdamHyper, lr, grad_scale) -> None:
+    """AdamW in foreach ops: ``m ← lerp(m, g, 1−β1)``, ``v ← β2·v + (1−β2)·g²``,
+    ``X ← X(1 − ηλ) − η·m/(1−β1^t) / (√v/√(1−β2^t) + ε)``."""
+    if grad_scale is not None:
+        torch._foreach_div_(grads, grad_scale)
+    torch._foreach_lerp_(exp_avgs, grads, 1 - hyper.beta1)
+    torch._foreach_mul_(exp_avg_sqs, hyper.beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - hyper.beta2)
+    if hyper.weight_decay != 0:
+        torch._foreach_mul_(params, 1 - lr * hyper.weight_decay)
+    correction1 = torch._foreach_pow(hyper.beta1, steps)  # β1^t, on the device
+    torch._foreach_neg_(correction1)
+    torch._foreach_add_(correction1, 1)  # 1 − β1^t
+    correction2 = torch._foreach_pow(hyper.beta2, steps)
+    torch._foreach_neg_(correction2)
+    torch._foreach_add_(correction2, 1)
+    torch._foreach_sqrt_(correction2)  # √(1 − β2^t)
+    denominators = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_div_(denominators, correction2)
+    torch._foreach_add_(denominators, hyper.eps)
+    torch._foreach_mul_(denominators, correction1)  # (1 − β1^t)(√v̂ + ε)
+    torch._foreach_div_(denominators, -lr)
+    torch._foreach_addcdiv_(params, exp_avgs, denominators)
+
+
+def _check(dense: Sequence[DenseBatch], lowrank: Sequence[LowRankBatch], found_inf: Tensor | None) -> dict:
+    """One host read: finite flags of every gradient, factor gradient and factor moment."""
+    check = FiniteCheck()
+    for batch in dense:
+        for name, grad in zip(batch.names, batch.grads):
+            check.add(("grad", name), [grad])
+    for batch in lowrank:
+        for item in batch.items:
+            check.add(("grad", item.name), [t for t in (item.grad, *item.factor_grads) if t is not None])
+            check.add(("state", item.name), [item.state[key] for keys in MOMENT_KEYS.values() for key in keys])
+    if isinstance(found_inf, Tensor):
+        check.add_flag("scaler", found_inf.reshape(()) == 0)
+    return check.read()
+
+
+def step_(
+    dense: Sequence[DenseBatch],
+    lowrank: Sequence[LowRankBatch],
+    *,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+) -> StepReport:
+    """One step of every batch (see the module docstring); returns what was not done.
+
+    Raises :class:`~lora_optim.nonfinite.NonFiniteGradientError` naming every offending
+    parameter of a ``nonfinite="raise"`` group, before anything has changed. ``grad_scale`` and
+    ``found_inf`` are a ``GradScaler``'s (its optimizer contract): gradients are divided by
+    ``grad_scale``, and a non-zero ``found_inf`` skips the whole step.
+    """
+    for batch in lowrank:
+        for item in batch.items:
+            A, B = batch.projection.step_factors(item.state, batch.options)
+            item.factors = (A, B)
+            if item.sums is not None:
+                item.factor_grads = item.sums
+            else:
+                matrix = prepare_grad(item.grad, A.dtype, batch.projection)
+                item.grad = matrix
+                item.factor_grads = batch.projection.project(matrix, A, B)
+
+    flags = _check(dense, lowrank, found_inf)
+    report = StepReport()
+    if not flags.get("scaler", True):
+        report.scaler_skipped = True
+        return report
+    refused = [name for batch in dense for name, policy in zip(batch.names, batch.policies)
+               if policy == "raise" and not flags[("grad", name)]]
+    refused += [item.name for batch in lowrank for item in batch.items
+                if item.policy == "raise" and not (flags[("grad", item.name)] and flags[("state", item.name)])]
+    if refused:
+        raise NonFiniteGradientError(
+            f"non-finite gradient or optimizer state (NaN or Inf) in {', '.join(refused)} with nonfinite='raise'; "
+            "nothing was changed"
+        )
+
+    for batch in dense:
+        keep = [index for index, name in enumerate(batch.names) if flags[("grad", name)]]
+        report.skipped += [(batch.names[i], batch.states[i], GRADIENT_CAUSE) for i in range(len(batch.names))
+                           if i not in keep]
+        _dense_step_(batch, keep, grad_scale)
+    for batch in lowrank:
+        stepping = []
+        for item in batch.items:
+            if not flags[("grad", item.name)]:
+                report.skipped.append((item.name, item.state, GRADIENT_CAUSE))
+            elif not flags[("state", item.name)]:
+                report.skipped.append((item.name, item.state, STATE_CAUSE))
+            else:
+                stepping.append(item)
+        _lowrank_step_(batch, stepping, grad_scale)
+    return report
+
+
+def _dense_step_(batch: DenseBatch, keep: list[int], grad_scale: Tensor | None) -> None:
+    params = [batch.params[i] for i in keep]
+    if not params:
+        return
+    states = [batch.states[i] for i in keep]
+    steps = [state[STEP] for state in states]
+    torch._foreach_add_(steps, 1.0)
+    adamw_(params, [batch.grads[i] for i in keep], [s[EXP_AVG] for s in states], [s[EXP_AVG_SQ] for s in states],
+           steps, batch.hyper, grad_scale)
+
+
+def _lowrank_step_(batch: LowRankBatch, items: list[LowRankItem], grad_scale: Tensor | None) -> None:
+    if not items:
+        return
+    projection = batch.projection
+    factors: list[Tensor] = []
+    for item in items:
+        A, B = projection.begin_step(item.state, batch.options, *item.factors)
+        item.factors = (A, B)
+        factors += [A, B]
+    grads = [g for item in items for g in item.factor_grads]
+    if batch.scale != 1.0:
+        torch._foreach_mul_(grads, batch.scale)
+    before = torch._foreach_mul(factors, 1.0)  # exact copies (−0.0 stays −0.0)
+    steps = [item.state[STEP] for item in items]
+    torch._foreach_add_(steps, 1.0)
+    (exp_avg_A, exp_avg_sq_A), (exp_avg_B, exp_avg_sq_B) = MOMENT_KEYS["A"], MOMENT_KEYS["B"]
+    adamw_(
+        factors, grads,
+        [item.state[key] for item in items for key in (exp_avg_A, exp_avg_B)],
+        [item.state[key] for item in items for key in (exp_avg_sq_A, exp_avg_sq_B)],
+        [step for step in steps for _ in range(2)], batch.hyper, grad_scale,
+    )
+    # The steps the stored factors really took, so that W follows s·(Δ(A_t, B_t) − Δ(A_0, B_0))
+    # of the stored factors to the rounding of one step.
+    deltas = torch._foreach_sub(factors, before)
+    for index, item in enumerate(items):
+        A_new, B_new = factors[2 * index], factors[2 * index + 1]
+        change = FactorChange(before[2 * index], before[2 * index + 1], A_new, B_new,
+                              deltas[2 * index], deltas[2 * index + 1])
+        if DRIFT_CHANGE in item.state:
+            record_drift_step_(item.state, projection, change, batch.scale)
+        with writable_matrix(item.param) as weight:
+            item.writer.write_(weight, item.state, WeightDelta(projection, change, batch.scale))

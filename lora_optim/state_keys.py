@@ -1,0 +1,85 @@
+"""The names of the per-parameter optimizer state, in one place.
+
+``LoRAAdam.state[p]`` is a dict with string keys; every module that reads or writes it uses the
+names below, so a key is renamed or added in one place. Values are tensors or plain ints, so a
+state dict loads with ``torch.load(..., weights_only=True)``.
+
+Every parameter:
+    :data:`STEP` (a 0-dim float32 tensor on the parameter's device, as ``torch.optim.AdamW``
+    keeps it: the fused Adam kernels read it) and :data:`NONFINITE_SKIPS` (an int).
+Dense parameters (``rank=None`` groups, vectors):
+    :data:`EXP_AVG`, :data:`EXP_AVG_SQ` (the parameter's shape and dtype).
+Low-rank parameters:
+    :data:`RANK`, :data:`SEED` (ints), the moments of each factor (:data:`MOMENT_KEYS`), the
+    factors :data:`FACTOR_A`, :data:`FACTOR_B` where the projection stores them, the
+    projection's own keys (e.g. :data:`DRAWS`, :data:`AGE` for ``random``), the write mode's keys
+    (:data:`WEIGHT_COMPENSATION`, :data:`ROUNDING_SEED`, :data:`ROUNDING_DRAWS`), the drift
+    probe (:data:`DRIFT_KEYS`) and, between a backward and ``step()`` in the per-layer and
+    activation-side modes, the projected-gradient sums (:data:`ACCUMULATOR_KEYS`).
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "STEP",
+    "NONFINITE_SKIPS",
+    "EXP_AVG",
+    "EXP_AVG_SQ",
+    "RANK",
+    "SEED",
+    "FACTOR_A",
+    "FACTOR_B",
+    "EXP_AVG_A",
+    "EXP_AVG_SQ_A",
+    "EXP_AVG_B",
+    "EXP_AVG_SQ_B",
+    "MOMENT_KEYS",
+    "DRAWS",
+    "AGE",
+    "WEIGHT_COMPENSATION",
+    "ROUNDING_SEED",
+    "ROUNDING_DRAWS",
+    "DRIFT_PROBES",
+    "DRIFT_REFERENCE",
+    "DRIFT_CHANGE",
+    "DRIFT_KEYS",
+    "ACCUMULATED_GRAD_A",
+    "ACCUMULATED_GRAD_B",
+    "ACCUMULATION",
+    "ACCUMULATOR_KEYS",
+]
+
+#: Adam updates taken (0-dim float32 tensor on the parameter's device).
+STEP = "step"
+#: Steps skipped because of a NaN/Inf (int).
+NONFINITE_SKIPS = "nonfinite_skips"
+
+#: Moments of a densely trained parameter.
+EXP_AVG, EXP_AVG_SQ = "exp_avg", "exp_avg_sq"
+
+#: Effective rank ``min(rank, out, in)`` and the parameter's int seed.
+RANK, SEED = "rank", "seed"
+#: The stored factors ``A`` (out×r) and ``B`` (r×in), in the factor dtype.
+FACTOR_A, FACTOR_B = "A", "B"
+#: Adam moments of each factor.
+EXP_AVG_A, EXP_AVG_SQ_A = "exp_avg_A", "exp_avg_sq_A"
+EXP_AVG_B, EXP_AVG_SQ_B = "exp_avg_B", "exp_avg_sq_B"
+MOMENT_KEYS = {"A": (EXP_AVG_A, EXP_AVG_SQ_A), "B": (EXP_AVG_B, EXP_AVG_SQ_B)}
+
+#: ``random``: draws made so far, and steps taken on the current draw (ints).
+DRAWS, AGE = "draws", "age"
+
+#: ``compensated`` writes: the Kahan buffer (``W``'s shape and dtype).
+WEIGHT_COMPENSATION = "weight_compensation"
+#: ``stochastic`` writes: the rounding stream's int seed and the number of writes so far.
+ROUNDING_SEED, ROUNDING_DRAWS = "rounding_seed", "rounding_draws"
+
+#: Drift probe (fp64): probes ``X`` (in×k), ``W₀X`` (out×k) and the summed exact change (out×k).
+DRIFT_PROBES, DRIFT_REFERENCE, DRIFT_CHANGE = "drift_probes", "drift_reference", "drift_change"
+DRIFT_KEYS = (DRIFT_PROBES, DRIFT_REFERENCE, DRIFT_CHANGE)
+
+#: Per-layer and activation-side modes: the sums of the projected gradient pieces (unscaled by
+#: ``s``, in the factor dtype) and the int status of the sums (see :mod:`lora_optim.accumulation`).
+ACCUMULATED_GRAD_A, ACCUMULATED_GRAD_B = "accumulated_grad_A", "accumulated_grad_B"
+ACCUMULATION = "accumulation"
+ACCUMULATOR_KEYS = (ACCUMULATED_GRAD_A, ACCUMULATED_GRAD_B, ACCUMULATION)
