@@ -145,14 +145,15 @@ def prepare_grad(grad: Tensor, factor_dtype: torch.dtype, projection: Projection
 def project_piece(
     projection: Projection, state: Mapping[str, Any], options: Mapping[str, Any], grad: Tensor
 ) -> tuple[Tensor, Tensor]:
-    """``(∂L/∂A, ∂L/∂B)`` at ``s = 1`` of one gradient piece, with the step's factors.
+    """``(∂L/∂A, ∂L/∂B)`` at ``s = 1`` of one gradient piece, with the step's factors (a factor
+    that does not train gets zeros).
 
     A NaN or Inf in ``G`` poisons the result (one reduction, on the device, no sync), so the
     step's check of the sums sees it even if the projection would hide it.
     """
     A, B = projection.step_factors(state, options)
     matrix = prepare_grad(grad, A.dtype, projection)
-    grad_A, grad_B = projection.project(matrix, A, B)
+    grad_A, grad_B = _fill_frozen(projection.project(matrix, A, B), A, B)
     grad_A.add_(torch.linalg.vector_norm(matrix, float("inf")).to(grad_A.dtype).mul_(0))  # 0·Inf = NaN
     return grad_A, grad_B
 
@@ -169,7 +170,13 @@ def project_activation_piece(
         x_rows = x_rows.to(A.dtype)
     if grad_rows.dtype != A.dtype:
         grad_rows = grad_rows.to(A.dtype)
-    return projection.project_activations(x_rows, grad_rows, A, B)
+    return _fill_frozen(projection.project_activations(x_rows, grad_rows, A, B), A, B)
+
+
+def _fill_frozen(grads: tuple[Tensor | None, Tensor | None], A: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
+    # A factor that does not train may have no gradient; a sum of pieces needs one anyway.
+    grad_A, grad_B = grads
+    return (torch.zeros_like(A) if grad_A is None else grad_A), (torch.zeros_like(B) if grad_B is None else grad_B)
 
 
 def adamw_(
@@ -261,14 +268,14 @@ def step_(
     """
     for batch in lowrank:
         for item in batch.items:
-            A, B = batch.projection.step_factors(item.state, batch.options)
-            item.factors = (A, B)
             if item.sums is not None:
+                item.factors = batch.projection.step_factors(item.state, batch.options)
                 item.factor_grads = item.sums
-            else:
-                matrix = prepare_grad(item.grad, A.dtype, batch.projection)
-                item.grad = matrix
-                item.factor_grads = batch.projection.project(matrix, A, B)
+                continue
+            item.grad = prepare_grad(item.grad, item.state[MOMENT_KEYS["A"][0]].dtype, batch.projection)
+            A, B = batch.projection.step_factors(item.state, batch.options, item.grad)
+            item.factors = (A, B)
+            item.factor_grads = batch.projection.project(item.grad, A, B)
 
     flags = _check(dense, lowrank, found_inf)
     report = StepReport()
@@ -318,31 +325,48 @@ def _lowrank_step_(batch: LowRankBatch, items: list[LowRankItem], grad_scale: Te
     if not items:
         return
     projection = batch.projection
+    # The trained factors of every item, with their gradients and moments, as flat lists.
     factors: list[Tensor] = []
+    grads: list[Tensor] = []
+    exp_avgs: list[Tensor] = []
+    exp_avg_sqs: list[Tensor] = []
+    steps: list[Tensor] = []
+    positions: list[tuple[int | None, int | None]] = []  # per item: where A and B are in `factors`
     for item in items:
+        trains = projection.trained_factors(item.state, batch.options)
         A, B = projection.begin_step(item.state, batch.options, *item.factors)
         item.factors = (A, B)
-        factors += [A, B]
-    grads = [g for item in items for g in item.factor_grads]
-    if batch.scale != 1.0:
-        torch._foreach_mul_(grads, batch.scale)
-    before = torch._foreach_mul(factors, 1.0)  # exact copies (−0.0 stays −0.0)
-    steps = [item.state[STEP] for item in items]
-    torch._foreach_add_(steps, 1.0)
-    (exp_avg_A, exp_avg_sq_A), (exp_avg_B, exp_avg_sq_B) = MOMENT_KEYS["A"], MOMENT_KEYS["B"]
-    adamw_(
-        factors, grads,
-        [item.state[key] for item in items for key in (exp_avg_A, exp_avg_B)],
-        [item.state[key] for item in items for key in (exp_avg_sq_A, exp_avg_sq_B)],
-        [step for step in steps for _ in range(2)], batch.hyper, grad_scale,
-    )
-    # The steps the stored factors really took, so that W follows s·(Δ(A_t, B_t) − Δ(A_0, B_0))
-    # of the stored factors to the rounding of one step.
-    deltas = torch._foreach_sub(factors, before)
-    for index, item in enumerate(items):
-        A_new, B_new = factors[2 * index], factors[2 * index + 1]
-        change = FactorChange(before[2 * index], before[2 * index + 1], A_new, B_new,
-                              deltas[2 * index], deltas[2 * index + 1])
+        where: list[int | None] = []
+        for factor, grad, trained, (exp_avg, exp_avg_sq) in zip(
+            (A, B), item.factor_grads, trains, (MOMENT_KEYS["A"], MOMENT_KEYS["B"])
+        ):
+            if not trained:
+                where.append(None)
+                continue
+            where.append(len(factors))
+            factors.append(factor)
+            grads.append(grad)
+            exp_avgs.append(item.state[exp_avg])
+            exp_avg_sqs.append(item.state[exp_avg_sq])
+            steps.append(item.state[STEP])
+        positions.append((where[0], where[1]))
+    if factors:
+        if batch.scale != 1.0:
+            torch._foreach_mul_(grads, batch.scale)
+        before = torch._foreach_mul(factors, 1.0)  # exact copies (−0.0 stays −0.0)
+        torch._foreach_add_([item.state[STEP] for item in items], 1.0)
+        adamw_(factors, grads, exp_avgs, exp_avg_sqs, steps, batch.hyper, grad_scale)
+        # The steps the stored factors really took, so that W follows s·(Δ(A_t, B_t) − Δ(A_0, B_0))
+        # of the stored factors to the rounding of one step.
+        deltas = torch._foreach_sub(factors, before)
+    else:
+        torch._foreach_add_([item.state[STEP] for item in items], 1.0)
+        before, deltas = [], []
+    for item, (index_A, index_B) in zip(items, positions):
+        A, B = item.factors
+        old_A, step_A = (A, torch.zeros_like(A)) if index_A is None else (before[index_A], deltas[index_A])
+        old_B, step_B = (B, torch.zeros_like(B)) if index_B is None else (before[index_B], deltas[index_B])
+        change = FactorChange(old_A, old_B, A, B, step_A, step_B)
         if DRIFT_CHANGE in item.state:
             record_drift_step_(item.state, projection, change, batch.scale)
         with writable_matrix(item.param) as weight:

@@ -89,7 +89,7 @@ class FiniteCheck:
         self._keys.append(key)
         for tensor in tensors:
             if tensor.numel():
-                self._tensors.setdefault((tensor.device, tensor.dtype), []).append((key, tensor.detach()))
+                self._tensors.setdefault((tensor.device, tensor.dtype), []).append((key, tensor))
 
     def add_flag(self, key: object, ok: Tensor) -> None:
         """``key`` is finite only if the 0-dim bool tensor ``ok`` is true."""
@@ -102,7 +102,8 @@ class FiniteCheck:
         per_device: dict[torch.device, tuple[list[object], list[Tensor]]] = {}
         for (device, _), entries in self._tensors.items():
             keys, answers = per_device.setdefault(device, ([], []))
-            norms = torch._foreach_norm([tensor for _, tensor in entries], float("inf"))
+            with torch.no_grad():
+                norms = torch._foreach_norm([tensor for _, tensor in entries], float("inf"))
             keys.extend(key for key, _ in entries)
             answers.append(torch.stack(norms).isfinite())
         for device, entries in self._flags.items():

@@ -192,7 +192,7 @@ class CompensatedWriter(WeightWriter):
                 # rounding (W' and W + y are within half an ulp of W's dtype: Sterbenz).
                 pending.add_(w)
                 w.copy_(pending)
-                c.copy_(pending.sub_(w))
+                torch.sub(pending, w, out=c)
                 continue
             # Same dtype: classic Kahan, t = W + y, c' = (W − t) + y (W − t is exact), with c
             # and W as scratch so that the block of y is the only temporary.

@@ -37,7 +37,7 @@ def row_blocks(
     ``multiple``. The blocks depend on the shape, dtype and device type only, so seeded rounding
     over them is reproducible."""
     budget = block_bytes(torch.device(device)) if block_bytes_ is None else block_bytes_
-    row_bytes = max(1, cols * torch.empty((), dtype=dtype).element_size())
+    row_bytes = max(1, cols * dtype.itemsize)
     step = max(1, budget // row_bytes // multiple) * multiple
     for start in range(0, rows, step):
         yield start, min(rows, start + step)

@@ -5,16 +5,16 @@ factors ``A`` (``out×r``) and ``B`` (``r×in``), and how a step of the factors 
 of ``W``. Adam never sees any of this. The step engine (:mod:`lora_optim.engine`) calls, for a
 low-rank parameter with per-parameter ``state`` and scale ``s``::
 
-    A, B   = projection.step_factors(state, group)        # pure: the factors of this step
+    A, B   = projection.step_factors(state, group, G)     # pure: the factors of this step
     gA, gB = projection.project(G, A, B)                   # ∂L/∂A, ∂L/∂B at s = 1 (then × s)
     ...    # one NaN/Inf check of the whole step; a skipped parameter stops here, unchanged
     A, B   = projection.begin_step(state, group, A, B)     # commit: redraw counters, moment rule
-    ...    # one fused AdamW call updates every group's A, B in place; dA = A' − A, dB = B' − B
+    ...    # one fused AdamW call updates the trained factors (trained_factors) of the group in place
     projection.add_delta_(W, FactorChange(A, B, A', B', dA, dB), s)   # W += s·(Δ(A', B') − Δ(A, B))
 
 The per-layer and activation-side modes call :meth:`project` (or :meth:`project_activations`)
-on each piece of the gradient with the factors of :meth:`step_factors`, and the engine steps
-with the sums. Every member the engine or the modes use is declared on :class:`Projection`;
+on each piece of the gradient with the factors of :meth:`step_factors` (called without ``G``:
+the full gradient of the step never exists there), and the engine steps with the sums. Every member the engine or the modes use is declared on :class:`Projection`;
 nothing is looked up by ``getattr``.
 
 Per-parameter state made by :meth:`Projection.init_state` holds tensors and plain ints only,
@@ -94,12 +94,29 @@ class Projection(abc.ABC):
     def current_factors(self, state: FactorState, group: Mapping[str, Any]) -> tuple[Tensor, Tensor]:
         """The factors ``(A, B)`` as they stand, without side effects (``get_factors``, export)."""
 
-    def step_factors(self, state: FactorState, group: Mapping[str, Any]) -> tuple[Tensor, Tensor]:
+    def step_factors(
+        self, state: FactorState, group: Mapping[str, Any], grad: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
         """The factors the next step projects with, without side effects: it may be called for
         every piece of a gradient (micro-batches, layer uses) and again at the step, and must
         return equal values each time until :meth:`begin_step` runs. Redrawing variants return
-        the new draw when one is due. The default returns :meth:`current_factors`."""
+        the new draw when one is due.
+
+        ``grad`` is the step's full gradient (``out×in``, prepared as for :meth:`project`) in the
+        plain mode, and ``None`` where the gradient arrives in pieces (the per-layer and
+        activation-side modes). A variant whose factors at this step are computed from ``G``
+        (a gradient-based init, a subspace refresh) uses it, and raises ``ValueError`` saying so
+        when it is ``None``. The default returns :meth:`current_factors`.
+        """
         return self.current_factors(state, group)
+
+    def trained_factors(self, state: FactorState, group: Mapping[str, Any]) -> tuple[bool, bool]:
+        """Which of ``(A, B)`` train at the coming step. A factor that does not train takes no Adam
+        step (its moments are not updated and weight decay does not touch it), so its step in
+        the :class:`FactorChange` is zero, and its gradient from :meth:`project` is ignored (it
+        may be ``None``). The default trains both. Must not change between :meth:`step_factors`
+        and the step."""
+        return True, True
 
     def begin_step(
         self, state: FactorState, group: Mapping[str, Any], A: Tensor, B: Tensor
@@ -115,7 +132,8 @@ class Projection(abc.ABC):
     def project(self, grad: Tensor, A: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
         """Factor gradients ``(∂L/∂A, ∂L/∂B)`` at scale ``s = 1`` from the full gradient ``grad``
         (``out×in``); the engine multiplies both by ``s``. ``grad`` has the factors' dtype unless
-        :attr:`accepts_low_precision_grad` is set. Return new tensors of the factors' dtype."""
+        :attr:`accepts_low_precision_grad` is set. Return new tensors of the factors' dtype, or
+        ``None`` for a factor that does not train (:meth:`trained_factors`)."""
 
     def project_activations(
         self, inputs: Tensor, output_grads: Tensor, A: Tensor, B: Tensor

@@ -122,7 +122,9 @@ class RandomProjection(LoRAProjection):
             return self.step_factors(state, group)
         return self._current_draw(state)
 
-    def step_factors(self, state: FactorState, group: Mapping[str, Any]) -> tuple[Tensor, Tensor]:
+    def step_factors(
+        self, state: FactorState, group: Mapping[str, Any], grad: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
         """The draw the next step uses: the next draw if ``resample_every`` steps were taken on
         the current one, else the current one (stored, or regenerated from the seed). Pure."""
         if self._due(state, group):
