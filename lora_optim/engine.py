@@ -222,7 +222,11 @@ def _foreach_adamw_(params, grads, exp_avgs, exp_avg_sqs, steps, hyper: AdamHype
     torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - hyper.beta2)
     if hyper.weight_decay != 0:
         torch._foreach_mul_(params, 1 - lr * hyper.weight_decay)
-    correction1 = torch._foreach_pow(hyper.beta1, steps)  # β1^t, on the device
+    # Bias corrections in at least fp32 and in the parameters' precision (the fused kernels use
+    # double), on the device: no host sync.
+    wide = torch.promote_types(params[0].dtype, torch.float32)
+    steps = [step.to(wide) for step in steps]
+    correction1 = torch._foreach_pow(hyper.beta1, steps)  # β1^t
     torch._foreach_neg_(correction1)
     torch._foreach_add_(correction1, 1)  # 1 − β1^t
     correction2 = torch._foreach_pow(hyper.beta2, steps)

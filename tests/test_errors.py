@@ -62,6 +62,17 @@ BAD_OPTIONS = [
     (dict(drift_probes=-1), ValueError, r"drift_probes.*-1"),
     (dict(drift_probes=1.5), ValueError, r"drift_probes.*1\.5"),
     (dict(drift_probes=True), ValueError, r"drift_probes.*True"),
+    # Infinite values used to be accepted.
+    (dict(lr=INF), ValueError, r"lr.*inf"),
+    (dict(lr=torch.tensor(INF)), ValueError, r"lr.*inf"),
+    (dict(eps=INF), ValueError, r"eps.*inf"),
+    (dict(weight_decay=INF), ValueError, r"weight_decay.*inf"),
+    # Options of another projection than the group's used to be accepted and ignored.
+    (dict(resample_every=0), ValueError, r"resample_every.*0"),
+    (dict(resample_every=2), ValueError, r"resample_every.*random"),
+    (dict(projection="random", init="bogus"), ValueError, r"init.*'bogus'"),
+    (dict(projection="random", init="symmetric"), ValueError, r"init.*lora"),
+    (dict(projection="additive", moment_rule="keep"), ValueError, r"moment_rule.*random"),
 ]
 
 
@@ -142,6 +153,10 @@ CASES = [
     *[pytest.param(_ctor(o), e, p, id=f"init-{o}") for o, e, p in BAD_OPTIONS],
     *[pytest.param(_group(o), e, p, id=f"group-{o}") for o, e, p in BAD_OPTIONS],
     pytest.param(lambda w: LoRAAdam(w.spare, resample_evry=3), TypeError, r"resample_evry", id="unknown-keyword"),
+    pytest.param(lambda w: w.opt.add_param_group({"params": w.spare, "lr_scale": 2.0}), ValueError,
+                 r"unknown key.*'lr_scale'", id="unknown-group-key"),
+    pytest.param(lambda w: LoRAAdam([{"params": w.spare, "momentum": 0.9}]), ValueError, r"unknown key.*'momentum'",
+                 id="unknown-group-key-init"),
     pytest.param((_with_sparse_grad, lambda w: w.opt.step()), TypeError, r"sparse.*layout torch\.sparse_coo",
                  id="sparse-grad"),
     pytest.param(_complex, TypeError, r"params.*dtype torch\.complex64", id="complex-param"),

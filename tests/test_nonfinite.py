@@ -20,7 +20,7 @@ from torch import nn
 
 from lora_optim import LoRAAdam, NonFiniteGradientError, NonFiniteGradientWarning, available_projections
 from lora_optim.nonfinite import finite_flags
-from lora_optim.projections import _REGISTRY
+from lora_optim.projections import register_projection, unregister_projection
 from lora_optim.projections.lora import LoRAProjection
 
 BAD_VALUES = [float("nan"), float("inf"), float("-inf")]
@@ -125,8 +125,14 @@ class MaskingProjection(LoRAProjection):
         return super().project(torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0), A, B)
 
 
-def test_check_does_not_rely_on_the_projection(monkeypatch):
-    monkeypatch.setitem(_REGISTRY, MaskingProjection.name, MaskingProjection())
+@pytest.fixture
+def masking():
+    register_projection(MaskingProjection)
+    yield MaskingProjection.name
+    unregister_projection(MaskingProjection.name)
+
+
+def test_check_does_not_rely_on_the_projection(masking):
     weight = nn.Parameter(torch.randn(6, 5))
     before = weight.detach().clone()
     opt = LoRAAdam([weight], rank=2, projection="test-masking")

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from lora_optim import LoRAAdam, Projection, available_projections, get_projection, register_projection
+from lora_optim.projections import unregister_projection
 from lora_optim.options import Option, real
 
 
@@ -36,9 +37,7 @@ class FrozenBProjection(Projection):
 def registered():
     register_projection(FrozenBProjection)
     yield
-    from lora_optim import projections
-
-    projections._REGISTRY.pop(FrozenBProjection.name)
+    unregister_projection(FrozenBProjection.name)
 
 
 def test_new_variant_trains_through_the_unchanged_loop():

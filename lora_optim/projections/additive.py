@@ -29,7 +29,7 @@ from torch import Tensor
 
 from lora_optim.kernels import native_kernels
 from lora_optim.kernels.blocks import row_blocks
-from lora_optim.projections import register_projection
+from lora_optim.projections.registry import register_projection
 from lora_optim.projections.base import FactorChange, FactorState, Projection
 from lora_optim.state_keys import FACTOR_A, FACTOR_B
 

@@ -40,7 +40,7 @@ from torch import Tensor
 
 from lora_optim.moment_rules import MOMENT_RULES, apply_moment_rule_
 from lora_optim.options import Option, choice, integer
-from lora_optim.projections import register_projection
+from lora_optim.projections.registry import register_projection
 from lora_optim.projections.base import FactorState
 from lora_optim.projections.lora import LoRAProjection
 from lora_optim.seeding import derive_seed, gaussian
