@@ -6,24 +6,32 @@ its full gradient, keeping Adam state only for the factors, without touching the
 
 from lora_optim.activation import ActivationSide
 from lora_optim.drift import DriftReport
+from lora_optim.grad_mode import GradMode
 from lora_optim.memory import optimizer_state_bytes
 from lora_optim.nonfinite import NonFiniteGradientError, NonFiniteGradientWarning
 from lora_optim.optimizer import LoRAAdam
+from lora_optim.options import Option
 from lora_optim.per_layer import PerLayerStep
 from lora_optim.precision import available_writers
 from lora_optim.projections import (
+    FactorChange,
     Projection,
     available_projections,
     get_projection,
     register_projection,
+    unregister_projection,
 )
 
 __all__ = [
     "LoRAAdam",
     "PerLayerStep",
     "ActivationSide",
+    "GradMode",
     "Projection",
+    "FactorChange",
+    "Option",
     "register_projection",
+    "unregister_projection",
     "get_projection",
     "available_projections",
     "available_writers",

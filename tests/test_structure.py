@@ -112,7 +112,7 @@ def test_the_cycle_finder_finds_a_cycle():
 def test_the_optimizer_and_the_math_do_not_import_the_modes():
     graph = _graph()
     modes = {"lora_optim.per_layer", "lora_optim.activation"}
-    for module in ("lora_optim.optimizer", "lora_optim.engine", "lora_optim.accumulation", "lora_optim.adam"):
+    for module in ("lora_optim.optimizer", "lora_optim.engine", "lora_optim.accumulation"):
         if module in graph:
             assert not graph[module] & modes, module
     for mode in modes:
