@@ -24,8 +24,17 @@ update of ``W``; ``5·out·in`` for ``additive``), so
     t_roof = max((|G| + 2·|W|) bytes / copy bandwidth, flops / GEMM rate).
 
 Methods are interleaved (rotated order) over the repeats; tables show medians and ratios from
-this run only. Run ``python benchmarks/step.py`` (``--quick``: small shapes, fewer repeats);
-results go to ``benchmarks/results/step.md`` and ``step.png``.
+this run only.
+
+The first table is not a timing: it is the *GPU shape* of one step of many matrices, counted
+with :class:`lora_optim.dispatch_count.DispatchCounter` on the torch path (native kernels off,
+the path every GPU takes): aten ops and host syncs per step of 64 weight matrices (32 of
+1024×1024 and 32 of 1024×2816, rank 8), for every projection and precision and for the peers,
+each at its third step (no first-step work). On an accelerator each op is a kernel launch (views
+aside) and each sync stalls the host.
+
+Run ``python benchmarks/step.py`` (``--quick``: small shapes, fewer repeats; ``--ops-only``:
+the op table alone); results go to ``benchmarks/results/step.md`` and ``step.png``.
 """
 
 from __future__ import annotations
@@ -54,6 +63,7 @@ from _common import (  # noqa: E402
 )
 
 from lora_optim import LoRAAdam  # noqa: E402
+from lora_optim.dispatch_count import DispatchCounter  # noqa: E402
 from lora_optim.kernels import native_kernels, use_native  # noqa: E402
 from lora_optim.nonfinite import finite_flags  # noqa: E402
 
@@ -85,31 +95,36 @@ def _lora_optim(param: torch.nn.Parameter, rank: int, projection: str, precision
     return opt, step
 
 
-def _peers(param: torch.nn.Parameter, grad: torch.Tensor, rank: int, notes: list[str]) -> dict[str, Callable[[], None]]:
-    """Every peer's step on ``param`` (``param.grad`` set); a peer that fails is left out with a note."""
-    rows, cols = param.shape
-    makers: dict[str, Callable[[], torch.optim.Optimizer]] = {
-        "AdamW foreach": lambda: torch.optim.AdamW([param], lr=LR, foreach=True),
-        "AdamW fused": lambda: torch.optim.AdamW([param], lr=LR, fused=True),
-    }
+def _peer_makers(params: list[torch.nn.Parameter], rank: int) -> dict[str, Callable[[], torch.optim.Optimizer]]:
+    """How to make each peer optimizer for ``params`` (the configurations of ``../shared/PEERS.md``)."""
 
     def galore():
         from galore_torch import GaLoreAdamW
-        return GaLoreAdamW([{"params": [param], "rank": rank, "update_proj_gap": 200, "scale": 0.25,
+        return GaLoreAdamW([{"params": params, "rank": rank, "update_proj_gap": 200, "scale": 0.25,
                              "proj_type": "std"}], lr=LR)
 
     def apollo():
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             from apollo_torch import APOLLOAdamW
-        return APOLLOAdamW([{"params": [param], "rank": rank, "proj": "random", "proj_type": "std",
+        return APOLLOAdamW([{"params": params, "rank": rank, "proj": "random", "proj_type": "std",
                              "scale_type": "channel", "update_proj_gap": 200, "scale": 1}], lr=LR)
 
     def flora():
         from flora_opt import Flora
-        return Flora([param], lr=LR, rank=rank, beta1=0.9)
+        return Flora(params, lr=LR, rank=rank, beta1=0.9)
 
-    makers.update(GaLore=galore, APOLLO=apollo, Flora=flora)
+    return {
+        "AdamW foreach": lambda: torch.optim.AdamW(params, lr=LR, foreach=True),
+        "AdamW fused": lambda: torch.optim.AdamW(params, lr=LR, fused=True),
+        "GaLore": galore, "APOLLO": apollo, "Flora": flora,
+    }
+
+
+def _peers(param: torch.nn.Parameter, grad: torch.Tensor, rank: int, notes: list[str]) -> dict[str, Callable[[], None]]:
+    """Every peer's step on ``param`` (``param.grad`` set); a peer that fails is left out with a note."""
+    rows, cols = param.shape
+    makers = _peer_makers([param], rank)
     steps: dict[str, Callable[[], None]] = {}
     for name, make in makers.items():
         try:
@@ -189,6 +204,72 @@ def run_case(rows: int, cols: int, rank: int, dtype_name: str, repeats: int) -> 
     del keep_alive, methods, param
     gc.collect()
     return result
+
+
+OP_COUNT_SHAPES = [(1024, 1024)] * 32 + [(1024, 2816)] * 32
+OP_COUNT_RANK = 8
+
+
+def _count_step(make: Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer], dtype: torch.dtype,
+                shapes=OP_COUNT_SHAPES) -> DispatchCounter:
+    """Ops of the third step of an optimizer over weights of ``shapes`` (torch path)."""
+    generator = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter((torch.randn(shape, generator=generator) * 0.02).to(dtype)) for shape in shapes]
+    grads = [(torch.randn(shape, generator=generator) * 1e-3).to(dtype) for shape in shapes]
+    optimizer = make(params)
+    with use_native(False), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for step in range(3):
+            for param, grad in zip(params, grads):
+                param.grad = grad
+            if step < 2:
+                optimizer.step()
+                continue
+            with DispatchCounter() as counter:
+                optimizer.step()
+    return counter
+
+
+def op_count_table(quick: bool) -> str:
+    """The GPU shape of one step: aten ops and host syncs per step of 64 matrices (module docstring)."""
+    shapes = [(128, 128)] * 32 + [(128, 352)] * 32 if quick else OP_COUNT_SHAPES
+    count = len(shapes)
+    rows = []
+
+    def row(name: str, counter: DispatchCounter) -> None:
+        rows.append([name, f"{counter.total / count:.1f}", f"{counter.launches / count:.1f}", str(counter.syncs),
+                     str(counter.ops.get("aten._fused_adamw_.default", 0))])
+
+    ours = [("lora", {}), ("random", {}), ("random", {"resample_every": 200}), ("additive", {})]
+    for dtype_name, precision in (("fp32", None), ("bf16", "nearest"), ("bf16", None), ("bf16", "stochastic")):
+        for projection, options in ours:
+            def make(params, projection=projection, options=options, precision=precision):
+                return LoRAAdam(params, lr=LR, rank=OP_COUNT_RANK, alpha=2 * OP_COUNT_RANK, projection=projection,
+                                precision=precision, **options)
+            label = f"lora_optim {projection}{' K=200' if options else ''}, {dtype_name} W, " \
+                    f"{precision or ('compensated' if dtype_name == 'bf16' else 'nearest')}"
+            row(label, _count_step(make, DTYPES[dtype_name], shapes))
+    for name in ("AdamW fused", "AdamW foreach", "GaLore", "APOLLO", "Flora"):
+        try:
+            row(f"{name}, fp32 W", _count_step(lambda params, name=name: _peer_makers(params, OP_COUNT_RANK)[name](),
+                                               torch.float32, shapes))
+        except Exception as error:  # a missing peer is reported, not fatal
+            rows.append([f"{name}: not run ({type(error).__name__})", "", "", "", ""])
+
+    def peft_adapters(params):  # PEFT's optimizer step: fused AdamW on lora_B (out×r) and lora_A (r×in)
+        adapters = [torch.nn.Parameter(torch.zeros(p.shape[0], OP_COUNT_RANK)) for p in params] + [
+            torch.nn.Parameter(torch.randn(OP_COUNT_RANK, p.shape[1]) / p.shape[1] ** 0.5) for p in params]
+        for adapter in adapters:
+            adapter.grad = torch.randn_like(adapter) * 1e-3  # made once, outside the counted step
+        return torch.optim.AdamW(adapters, lr=LR, fused=True)
+
+    row("PEFT LoRA (AdamW step on the adapters), fp32", _count_step(peft_adapters, torch.float32, shapes))
+    table = markdown_table(["method", "aten ops per matrix", "of which launch a kernel", "host syncs per step",
+                            "fused Adam calls"], rows)
+    return (f"{count} weight matrices ({shapes[0][0]}×{shapes[0][1]} and {shapes[-1][0]}×{shapes[-1][1]}), rank "
+            f"{OP_COUNT_RANK}, torch path, third step. Views (transposes, slices) are ops that launch no kernel. "
+            "PEFT's row counts only its optimizer step; its adapters' forward and backward launch more kernels "
+            "per layer, which are not counted here.\n\n" + table + "\n")
 
 
 def _case_table(case: dict) -> str:
@@ -278,10 +359,15 @@ def _figure(cases: list[dict]):
 
 
 def main() -> None:
-    args = parse_args(
-        "Optimizer step vs roofline and peers", repeats=15, quick_repeats=5,
-        extra=lambda parser: parser.add_argument("--output", default="step", help="results/NAME.md and .png"),
-    )
+    def extra(parser) -> None:
+        parser.add_argument("--output", default="step", help="results/NAME.md and .png")
+        parser.add_argument("--ops-only", action="store_true", help="only the op and sync counts (no timing)")
+
+    args = parse_args("Optimizer step vs roofline and peers", repeats=15, quick_repeats=5, extra=extra)
+    ops = op_count_table(args.quick)
+    if args.ops_only:
+        print(ops)
+        return
     before = machine_info()
     kernels = native_kernels()
     shapes = QUICK_SHAPES if args.quick else SHAPES
@@ -299,7 +385,8 @@ def main() -> None:
         "`× t_roof` uses each method's own roofline (lora/random: 8·out·in·r flops; additive: "
         "5·out·in); PEFT LoRA is its optimizer step only (fused AdamW on the adapters). Command: "
         f"`python benchmarks/step.py {' '.join(sys.argv[1:])}`.\n\n"
-        "## Summary\n\n" + _summary(cases) + "\n## Every case\n\n"
+        "## GPU shape: ops and host syncs per step\n\n" + ops +
+        "\n## Summary\n\n" + _summary(cases) + "\n## Every case\n\n"
     )
     text += "".join(_case_table(case) for case in cases)
     save_results(args.output, text, _figure(cases))

@@ -53,6 +53,7 @@ __all__ = [
     "StepReport",
     "step_",
     "adamw_",
+    "foreach_adamw_",
     "prepare_grad",
     "project_piece",
     "project_activation_piece",
@@ -209,11 +210,12 @@ def adamw_(
             found_inf=None,
         )
         return
-    _foreach_adamw_(params, grads, exp_avgs, exp_avg_sqs, steps, hyper, lr, grad_scale)
+    foreach_adamw_(params, grads, exp_avgs, exp_avg_sqs, steps, hyper, lr, grad_scale)
 
 
-def _foreach_adamw_(params, grads, exp_avgs, exp_avg_sqs, steps, hyper: AdamHyper, lr, grad_scale) -> None:
-    """AdamW in foreach ops: ``m ← lerp(m, g, 1−β1)``, ``v ← β2·v + (1−β2)·g²``,
+def foreach_adamw_(params, grads, exp_avgs, exp_avg_sqs, steps, hyper: AdamHyper, lr, grad_scale) -> None:
+    """The path of :func:`adamw_` for devices without fused kernels (and non-contiguous lists):
+    AdamW in foreach ops, ``m ← lerp(m, g, 1−β1)``, ``v ← β2·v + (1−β2)·g²``,
     ``X ← X(1 − ηλ) − η·m/(1−β1^t) / (√v/√(1−β2^t) + ε)``."""
     if grad_scale is not None:
         torch._foreach_div_(grads, grad_scale)

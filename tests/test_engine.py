@@ -10,58 +10,21 @@ projection; before the engine it was 42 ops and one sync per matrix.
 
 from __future__ import annotations
 
-import collections
-
 import pytest
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from lora_optim import LoRAAdam, available_projections
-from lora_optim.engine import AdamHyper, _foreach_adamw_, adamw_
+from lora_optim.dispatch_count import DispatchCounter
+from lora_optim.engine import AdamHyper, foreach_adamw_, adamw_
 from lora_optim.kernels import use_native
 from lora_optim.projections import FactorChange, Projection, register_projection, unregister_projection
 from lora_optim.projections.lora import lowrank_add_delta_, lowrank_project
 
-_SYNC_OPS = {"aten._local_scalar_dense.default", "aten.item.default", "aten.is_nonzero.default",
-             "aten.nonzero.default", "aten.equal.default"}
-#: Ops that only make a new view of existing memory: no kernel runs on a device.
-VIEW_OPS = {"aten.t.default", "aten.transpose.int", "aten.view.default", "aten.slice.Tensor", "aten.unsqueeze.default",
-            "aten.expand.default", "aten.as_strided.default", "aten.alias.default", "aten.detach.default",
-            "aten.unflatten.int", "aten._unsafe_view.default"}
-
-
-class CountOps(TorchDispatchMode):
-    """Counts aten ops by name and device-to-host reads."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.ops: collections.Counter[str] = collections.Counter()
-        self.syncs = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        name = str(func)
-        self.ops[name] += 1
-        if name in _SYNC_OPS or (name.startswith("aten._to_copy") and str(kwargs.get("device", "")) == "cpu"):
-            self.syncs += 1
-        return func(*args, **kwargs)
-
-    @property
-    def total(self) -> int:
-        """Every aten op (profiler markers aside)."""
-        return sum(count for name, count in self.ops.items() if not name.startswith("profiler."))
-
-    @property
-    def launches(self) -> int:
-        """Aten ops that run a kernel: :attr:`total` less the views."""
-        return self.total - sum(self.ops[name] for name in VIEW_OPS)
-
-
 MATRICES = 64
 
 
-def _count_step(projection: str, dtype: torch.dtype, precision: str | None, **options) -> CountOps:
+def _count_step(projection: str, dtype: torch.dtype, precision: str | None, **options) -> DispatchCounter:
     """Ops of the third step of 64 matrices of two shapes (state exists, no first-step work)."""
     gen = torch.Generator().manual_seed(0)
     params = [nn.Parameter(torch.randn(48 if i % 2 else 64, 40, generator=gen).to(dtype)) for i in range(MATRICES)]
@@ -71,7 +34,7 @@ def _count_step(projection: str, dtype: torch.dtype, precision: str | None, **op
     with use_native(False):
         opt.step()
         opt.step()
-        with CountOps() as counter:
+        with DispatchCounter() as counter:
             opt.step()
     return counter
 
@@ -109,7 +72,7 @@ def test_bf16_compensated_stays_a_fixed_handful_of_ops(projection, options):
 
 
 def test_the_counter_sees_syncs_and_ops():
-    with CountOps() as counter:
+    with DispatchCounter() as counter:
         t = torch.ones(3)
         t.sum().item()
         t.to("cpu", copy=True)
@@ -122,7 +85,7 @@ def test_dense_parameters_take_one_fused_call_like_torch_adamw():
     for p in params:
         p.grad = torch.randn(7)
     opt.step()
-    with CountOps() as counter:
+    with DispatchCounter() as counter:
         opt.step()
     assert counter.ops["aten._fused_adamw_.default"] == 1 and counter.syncs == 1
     assert counter.total <= 12, counter.ops
@@ -152,7 +115,7 @@ def test_foreach_fallback_equals_the_fused_kernel():
     fallback = [[t.clone() for t in tensors] for tensors in fused]
     scale = torch.tensor(4.0)  # a GradScaler's scale is fp32
     adamw_(*fused, HYPER, grad_scale=scale)
-    _foreach_adamw_(*fallback, HYPER, HYPER.lr, scale)
+    foreach_adamw_(*fallback, HYPER, HYPER.lr, scale)
     for ours, theirs in zip(fallback[0] + fallback[2] + fallback[3], fused[0] + fused[2] + fused[3]):
         torch.testing.assert_close(ours, theirs, rtol=1e-13, atol=1e-15)
 
