@@ -46,6 +46,14 @@ Non-finite values: ``G`` never exists, so the check of the ``nonfinite`` option 
 summed factor gradients at ``step()`` (a NaN or Inf in ``X`` or ``δY`` reaches them through the
 products): the parameter is skipped, or ``step()`` raises before changing anything.
 
+Data parallelism: under ``DistributedDataParallel``, attach the model *before* wrapping it (the
+attached weights then do not require grad, so DDP leaves them out); each rank forms the factor
+gradients of its own batch, and ``step()`` averages them over the ranks first, in one
+all-reduce of ``r·(out+in)`` values per matrix instead of DDP's ``out·in``
+(:meth:`LoRAAdam.reduce_projected_grads_ <lora_optim.LoRAAdam.reduce_projected_grads_>`). The
+group is the default process group, or the ``process_group`` given to ``attach``. Weights
+sharded by FSDP2 are not attached (they keep the ``G`` path, listed in the warning).
+
 Handled: ``nn.Linear`` (and subclasses that keep its ``forward``), called through the module.
 Falling back to ``G``: other layer types (convolutions, embeddings), weights shared with such a
 layer (tied embeddings), weights of ``nn.MultiheadAttention`` (it reads ``out_proj.weight``
@@ -65,6 +73,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
+
+from lora_optim.distributed import data_parallel_group, is_dtensor
 
 if TYPE_CHECKING:  # pragma: no cover
     from lora_optim.optimizer import LoRAAdam
@@ -109,15 +119,27 @@ class ActivationSide:
     ``remove()``, or leaving a ``with`` block) takes the hooks off and restores
     ``requires_grad``; sums not yet stepped stay in the optimizer state for ``step()``.
 
+    Args:
+        optimizer: the optimizer whose low-rank ``nn.Linear`` weights are handled.
+        model: the model (not yet wrapped in ``DistributedDataParallel``).
+        process_group: in a data-parallel run, the group over which the factor gradients are
+            averaged at ``step()``; ``None`` means the default group when one of more than one
+            rank is initialized.
+
     Attributes:
         attached: names (as in ``model.named_parameters()``) of the weights handled here.
         fallback: ``{name: reason}`` of the low-rank parameters left on the ``G`` path.
     """
 
-    def __init__(self, optimizer: LoRAAdam, model: nn.Module) -> None:
+    def __init__(self, optimizer: LoRAAdam, model: nn.Module, process_group: Any = None) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"attach expects an nn.Module, got {type(model).__name__}")
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            raise TypeError("attach the model before wrapping it in DistributedDataParallel: the attached weights "
+                            "get no gradient, and DDP must leave them out (it does for parameters that do not "
+                            "require grad when it is built)")
         self._optimizer = optimizer
+        self._process_group = process_group
         taken = {id(p) for mode in optimizer.grad_modes if isinstance(mode, ActivationSide) for p in mode.params}
         names: dict[int, str] = {}
         for name, param in model.named_parameters(remove_duplicate=False):
@@ -147,7 +169,7 @@ class ActivationSide:
                     raise ValueError(f"{name} is already attached by another attach() handle of this optimizer")
                 if not p.requires_grad:  # frozen: the plain mode would not train it either
                     continue
-                reason = self._unsupported(holders.get(id(p), []), functional)
+                reason = "sharded by FSDP2" if is_dtensor(p) else self._unsupported(holders.get(id(p), []), functional)
                 if reason is not None:
                     self.fallback[name] = reason
                     continue
@@ -222,7 +244,10 @@ class ActivationSide:
         self._optimizer.accumulate_activation_grad_(p, inputs, output_grads)
 
     def before_step(self) -> None:
-        """Nothing to finish: every piece is in the optimizer state when ``backward`` returns."""
+        """In a data-parallel run, average the factor gradients over the ranks (one all-reduce)."""
+        group = data_parallel_group(self._process_group)
+        if group is not None and self._params:
+            self._optimizer.reduce_projected_grads_(self._params, group)
 
     def after_zero_grad(self, set_to_none: bool) -> None:
         """Nothing to reset: the sums are the optimizer's, and ``zero_grad`` resets them."""

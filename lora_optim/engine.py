@@ -37,6 +37,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lora_optim.distributed import all_reduce_sum_
 from lora_optim.drift import record_drift_step_
 from lora_optim.matrix import as_matrix, writable_matrix
 from lora_optim.nonfinite import FiniteCheck, NonFiniteGradientError
@@ -92,6 +93,9 @@ class DenseBatch:
     names: list[str] = field(default_factory=list)
     #: Each parameter's ``nonfinite`` policy.
     policies: list[str] = field(default_factory=list)
+    #: Per parameter: the process group it is sharded over (its NaN/Inf answer is combined over
+    #: the ranks), or ``None``.
+    groups: list[Any] = field(default_factory=list)
 
 
 @dataclass
@@ -105,6 +109,10 @@ class LowRankItem:
     writer: WeightWriter
     grad: Tensor | None = None
     sums: tuple[Tensor, Tensor] | None = None
+    #: On a weight sharded by rows (FSDP2): the global index of the first local row, and the
+    #: process group over which ``∂L/∂B`` is a partial sum (``None``: not sharded).
+    row_offset: int = 0
+    group: Any = None
     # Filled by the engine.
     factors: tuple[Tensor, Tensor] | None = None
     factor_grads: tuple[Tensor, Tensor] | None = None
@@ -243,16 +251,29 @@ def foreach_adamw_(params, grads, exp_avgs, exp_avg_sqs, steps, hyper: AdamHyper
     torch._foreach_addcdiv_(params, exp_avgs, denominators)
 
 
+def _sum_partial_grads_(lowrank: Sequence[LowRankBatch]) -> None:
+    """On weights sharded by rows, ``∂L/∂B`` from this rank's rows is a partial sum: add them up
+    over the ranks, all matrices of a group in one all-reduce (``r×in`` values per matrix)."""
+    partial: dict[Any, list[Tensor]] = {}
+    for batch in lowrank:
+        for item in batch.items:
+            if item.group is not None and item.factor_grads[1] is not None:
+                partial.setdefault(item.group, []).append(item.factor_grads[1])
+    for group, grads in partial.items():
+        all_reduce_sum_(grads, group)
+
+
 def _check(dense: Sequence[DenseBatch], lowrank: Sequence[LowRankBatch], found_inf: Tensor | None) -> dict:
     """One host read: finite flags of every gradient, factor gradient and factor moment."""
     check = FiniteCheck()
     for batch in dense:
-        for name, grad in zip(batch.names, batch.grads):
-            check.add(("grad", name), [grad])
+        for name, grad, group in zip(batch.names, batch.grads, batch.groups or [None] * len(batch.names)):
+            check.add(("grad", name), [grad], group)
     for batch in lowrank:
         for item in batch.items:
-            check.add(("grad", item.name), [t for t in (item.grad, *item.factor_grads) if t is not None])
-            check.add(("state", item.name), [item.state[key] for keys in MOMENT_KEYS.values() for key in keys])
+            check.add(("grad", item.name), [t for t in (item.grad, *item.factor_grads) if t is not None], item.group)
+            check.add(("state", item.name), [item.state[key] for keys in MOMENT_KEYS.values() for key in keys],
+                      item.group)
     if isinstance(found_inf, Tensor):
         check.add_flag("scaler", found_inf.reshape(()) == 0)
     return check.read()
@@ -281,7 +302,11 @@ def step_(
             item.grad = prepare_grad(item.grad, item.state[MOMENT_KEYS["A"][0]].dtype, batch.projection)
             A, B = batch.projection.step_factors(item.state, batch.options, item.grad)
             item.factors = (A, B)
-            item.factor_grads = batch.projection.project(item.grad, A, B)
+            if item.group is None:
+                item.factor_grads = batch.projection.project(item.grad, A, B)
+            else:
+                item.factor_grads = batch.projection.project(item.grad, A, B, row_offset=item.row_offset)
+    _sum_partial_grads_(lowrank)
 
     flags = _check(dense, lowrank, found_inf)
     report = StepReport()
@@ -372,7 +397,7 @@ def _lowrank_step_(batch: LowRankBatch, items: list[LowRankItem], grad_scale: Te
         A, B = item.factors
         old_A, step_A = (A, torch.zeros_like(A)) if index_A is None else (before[index_A], deltas[index_A])
         old_B, step_B = (B, torch.zeros_like(B)) if index_B is None else (before[index_B], deltas[index_B])
-        change = FactorChange(old_A, old_B, A, B, step_A, step_B)
+        change = FactorChange(old_A, old_B, A, B, step_A, step_B, item.row_offset)
         if DRIFT_CHANGE in item.state:
             record_drift_step_(item.state, projection, change, batch.scale)
         with writable_matrix(item.param) as weight:

@@ -77,18 +77,28 @@ class FiniteCheck:
     device (e.g. ``found_inf == 0`` of a ``GradScaler``). :meth:`read` then runs one
     ``torch._foreach_norm(·, inf)`` per list of one device and dtype and copies the device's
     answers to the host in one transfer: the only host sync of the check.
+
+    ``add(key, tensors, group=g)`` checks tensors that are one rank's part of something sharded
+    over the process group ``g`` (FSDP2): their answers are combined over the ranks of ``g`` by
+    one small all-reduce before the host read, so every rank gets the same answer. Every rank
+    must add the same grouped keys, with the same number of tensors each, in the same order.
     """
 
     def __init__(self) -> None:
         self._tensors: dict[tuple[torch.device, torch.dtype], list[tuple[object, Tensor]]] = {}
+        self._grouped: dict[object, list[tuple[object, Tensor]]] = {}
         self._flags: dict[torch.device, list[tuple[object, Tensor]]] = {}
         self._keys: list[object] = []
 
-    def add(self, key: object, tensors: Sequence[Tensor]) -> None:
-        """Check ``tensors`` (any shapes, devices, float dtypes) under ``key``."""
+    def add(self, key: object, tensors: Sequence[Tensor], group: object = None) -> None:
+        """Check ``tensors`` (any shapes, devices, float dtypes) under ``key``; ``group``: see the
+        class docstring."""
         self._keys.append(key)
         for tensor in tensors:
-            if tensor.numel():
+            if group is not None:
+                # Kept even when empty (a rank may hold no rows): the ranks' lists must align.
+                self._grouped.setdefault(group, []).append((key, tensor if tensor.numel() else tensor.new_zeros(1)))
+            elif tensor.numel():
                 self._tensors.setdefault((tensor.device, tensor.dtype), []).append((key, tensor))
 
     def add_flag(self, key: object, ok: Tensor) -> None:
@@ -96,16 +106,36 @@ class FiniteCheck:
         self._keys.append(key)
         self._flags.setdefault(ok.device, []).append((key, ok.reshape(1)))
 
+    @staticmethod
+    def _answers(entries: list[tuple[object, Tensor]]) -> tuple[list[object], Tensor]:
+        """Keys and a bool vector (entry is finite), one fused reduction per dtype."""
+        by_dtype: dict[torch.dtype, list[tuple[object, Tensor]]] = {}
+        for key, tensor in entries:
+            by_dtype.setdefault(tensor.dtype, []).append((key, tensor))
+        keys: list[object] = []
+        answers = []
+        with torch.no_grad():
+            for same in by_dtype.values():
+                keys.extend(key for key, _ in same)
+                answers.append(torch.stack(torch._foreach_norm([t for _, t in same], float("inf"))).isfinite())
+        return keys, (answers[0] if len(answers) == 1 else torch.cat(answers))
+
     def read(self) -> dict[object, bool]:
         """``{key: all finite}`` for every key added; one host transfer per device."""
         result = {key: True for key in self._keys}
         per_device: dict[torch.device, tuple[list[object], list[Tensor]]] = {}
         for (device, _), entries in self._tensors.items():
             keys, answers = per_device.setdefault(device, ([], []))
-            with torch.no_grad():
-                norms = torch._foreach_norm([tensor for _, tensor in entries], float("inf"))
-            keys.extend(key for key, _ in entries)
-            answers.append(torch.stack(norms).isfinite())
+            entry_keys, ok = self._answers(entries)
+            keys.extend(entry_keys)
+            answers.append(ok)
+        for group, entries in self._grouped.items():
+            entry_keys, ok = self._answers(entries)
+            bad = (~ok).to(torch.float32)
+            torch.distributed.all_reduce(bad, group=group)  # a NaN on any rank is a NaN on every rank
+            keys, answers = per_device.setdefault(bad.device, ([], []))
+            keys.extend(entry_keys)
+            answers.append(bad == 0)
         for device, entries in self._flags.items():
             keys, answers = per_device.setdefault(device, ([], []))
             keys.extend(key for key, _ in entries)

@@ -24,6 +24,7 @@ from torch.utils.hooks import RemovableHandle
 
 from lora_optim import accumulation, engine
 from lora_optim.checkpoint import check_loadable
+from lora_optim.distributed import LocalState, all_reduce_sum_, is_dtensor, local, row_shard, shard_rows_
 from lora_optim.drift import DriftReport, init_drift_state, measure_drift
 from lora_optim.grad_mode import GradMode
 from lora_optim.matrix import as_matrix, matrix_shape
@@ -40,12 +41,14 @@ from lora_optim.projections import projection_options as registered_projection_o
 from lora_optim.seeding import derive_seed
 from lora_optim.state_keys import (
     ACCUMULATED_GRAD_A,
+    ACCUMULATED_GRAD_B,
     ACCUMULATION,
     EXP_AVG,
     EXP_AVG_SQ,
     MOMENT_KEYS,
     NONFINITE_SKIPS,
     RANK,
+    ROW_SHARDED_KEYS,
     SEED,
     STEP,
 )
@@ -265,7 +268,12 @@ class LoRAAdam(torch.optim.Optimizer):
 
     def _state(self, p: Tensor, group: Mapping[str, Any]) -> dict[str, Any]:
         """The state of ``p``, created at first use (as normal tensors, even inside
-        ``torch.inference_mode()``, so later steps can update them)."""
+        ``torch.inference_mode()``, so later steps can update them).
+
+        For a weight sharded by rows (FSDP2) the state is made for the whole weight (one
+        all-gather of it, on every rank: creating the state is collective there) and its
+        row-shaped tensors are then sharded like the weight (:mod:`lora_optim.distributed`).
+        """
         state = self.state[p]
         if state:
             return state
@@ -275,6 +283,10 @@ class LoRAAdam(torch.optim.Optimizer):
                 fresh[EXP_AVG] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 fresh[EXP_AVG_SQ] = torch.zeros_like(p, memory_format=torch.preserve_format)
             else:
+                shard = row_shard(p)
+                projection = get_projection(group["projection"])
+                if shard is not None:
+                    self._check_shardable(p, group, projection)
                 out_features, in_features = matrix_shape(p.shape)
                 rank = min(group["rank"], out_features, in_features)
                 dtype = factor_dtype(p.dtype)
@@ -284,13 +296,28 @@ class LoRAAdam(torch.optim.Optimizer):
                 for factor, keys in MOMENT_KEYS.items():
                     for key in keys:
                         fresh[key] = torch.zeros(shapes[factor], dtype=dtype, device=p.device)
-                weight = as_matrix(p.detach())
-                fresh.update(get_projection(group["projection"]).init_state(weight, rank, seed, dtype, group))
+                whole = p.full_tensor() if shard is not None else p
+                weight = as_matrix(whole.detach())
+                fresh.update(projection.init_state(weight, rank, seed, dtype, group))
                 fresh.update(get_writer(self._precision(p, group)).init_state(weight, seed))
                 if group["drift_probes"]:
                     fresh.update(init_drift_state(weight, group["drift_probes"], seed))
+                if shard is not None:
+                    shard_rows_(fresh, ROW_SHARDED_KEYS + projection.row_sharded_keys, shard)
         state.update(fresh)
         return state
+
+    def _check_shardable(self, p: Tensor, group: Mapping[str, Any], projection: Projection) -> None:
+        """``ValueError`` for what has no row-sharded form (yet), before any state exists."""
+        if not projection.supports_row_sharding:
+            raise ValueError(f"{self._name(p)} is sharded by rows (FSDP2), and projection {group['projection']!r} "
+                             "does not support row-sharded weights (Projection.supports_row_sharding)")
+        if group["drift_probes"]:
+            raise ValueError(f"{self._name(p)} is sharded by rows (FSDP2): the drift check (drift_probes) is not "
+                             "available on sharded weights; use drift_probes=0")
+        if group.get("moment_rule") == "transport":
+            raise ValueError(f"{self._name(p)} is sharded by rows (FSDP2): moment_rule='transport' needs sums over "
+                             "the rows of A at every redraw; use 'keep' or 'reset'")
 
     @staticmethod
     def _precision(p: Tensor, group: Mapping[str, Any]) -> str:
@@ -361,6 +388,43 @@ class LoRAAdam(torch.optim.Optimizer):
             )
         accumulation.add_piece_(state, *engine.project_activation_piece(projection, state, group, inputs, output_grads))
 
+    @torch.no_grad()
+    def reduce_projected_grads_(self, params: Iterable[Tensor], group: Any = None) -> None:
+        """Average the projected-gradient sums of ``params`` over the ranks of ``group`` (the
+        default process group if ``None``), in place, in one all-reduce: what DDP does to ``p.grad``,
+        for the factor gradients the activation-side mode forms locally (``r·(out+in)`` values per
+        matrix instead of ``out·in``).
+
+        Collective: every rank calls it with the same ``params`` in the same order. A parameter
+        with sums on some ranks only gets the average with zeros from the others (as DDP averages
+        with the zero gradients of ranks that did not use a parameter); one with sums on no rank is
+        left without. Called by the activation-side mode at the start of ``step()``.
+        """
+        world = torch.distributed.get_world_size(group)
+        entries = []
+        for p in params:
+            _, state, _ = self._low_rank_target(p, "reduce_projected_grads_")
+            sums = accumulation.open_sums(state)
+            had_sums = sums is not None
+            if sums is None:
+                sums = (torch.zeros_like(local(state[MOMENT_KEYS["A"][0]])),
+                        torch.zeros_like(local(state[MOMENT_KEYS["B"][0]])))
+            present = torch.full((), float(had_sums), dtype=sums[0].dtype, device=sums[0].device)
+            entries.append((state, sums, present))
+        tensors = [t for _, sums, present in entries for t in (*sums, present.reshape(1))]
+        if not tensors:
+            return
+        all_reduce_sum_(tensors, group)
+        counts = torch.stack([present for _, _, present in entries]).to("cpu", copy=True).tolist()
+        for (state, sums, _), count in zip(entries, counts):
+            if count == 0:
+                continue
+            sums[0].div_(world)
+            sums[1].div_(world)
+            if accumulation.open_sums(state) is None:
+                state[ACCUMULATED_GRAD_A], state[ACCUMULATED_GRAD_B] = sums
+                state[ACCUMULATION] = accumulation.OPEN
+
     # ------------------------------------------------------------------ stepping
 
     def _gather(self) -> tuple[list[engine.DenseBatch], list[engine.LowRankBatch], list[dict[str, Any]]]:
@@ -384,27 +448,33 @@ class LoRAAdam(torch.optim.Optimizer):
                 state = self._state(p, group)
                 name = self._name(p)
                 if not self._trains_low_rank(p, group):
-                    batch = dense.setdefault((group_index, p.device, p.dtype), engine.DenseBatch(hyper))
-                    batch.params.append(p)
-                    batch.grads.append(p.grad)
-                    batch.states.append(state)
+                    param, grad = local(p), local(p.grad)
+                    batch = dense.setdefault((group_index, param.device, param.dtype), engine.DenseBatch(hyper))
+                    batch.params.append(param)
+                    batch.grads.append(grad)
+                    batch.states.append(LocalState(state) if is_dtensor(p) else state)
                     batch.names.append(name)
                     batch.policies.append(group["nonfinite"])
+                    batch.groups.append(p.device_mesh.get_group() if is_dtensor(p) else None)
                     continue
                 projection = get_projection(group["projection"])
                 if sums is not None:
                     if p.grad is not None:  # a plain backward mixed into an accumulation: one more piece
                         accumulation.add_piece_(state, *engine.project_piece(projection, state, group, p.grad))
                     consumed.append(state)
-                factors = state[MOMENT_KEYS["A"][0]]
+                shard = row_shard(p)
+                view = state if shard is None else LocalState(state, shard)
+                factors = view[MOMENT_KEYS["A"][0]]
                 key = (group_index, factors.device, factors.dtype)
                 batch = lowrank.get(key)
                 if batch is None:
                     batch = lowrank[key] = engine.LowRankBatch(projection, group, self._scale(group), hyper)
                 batch.items.append(engine.LowRankItem(
-                    param=p, state=state, name=name, policy=group["nonfinite"],
+                    param=local(p), state=view, name=name, policy=group["nonfinite"],
                     writer=get_writer(self._precision(p, group)),
-                    grad=p.grad if sums is None else None, sums=sums,
+                    grad=local(p.grad) if sums is None else None, sums=sums,
+                    row_offset=0 if shard is None else shard.row_offset,
+                    group=None if shard is None else shard.group,
                 ))
         return list(dense.values()), list(lowrank.values()), consumed
 
@@ -474,12 +544,13 @@ class LoRAAdam(torch.optim.Optimizer):
 
         return PerLayerStep(self)
 
-    def attach(self, model: torch.nn.Module):
+    def attach(self, model: torch.nn.Module, process_group: Any = None):
         """Form the factor gradients of ``model``'s ``nn.Linear`` weights from the layers' inputs and
-        output gradients (:class:`lora_optim.activation.ActivationSide`); returns its handle."""
+        output gradients (:class:`lora_optim.activation.ActivationSide`); returns its handle.
+        ``process_group``: the data-parallel group (default: the default group, if any)."""
         from lora_optim.activation import ActivationSide  # the entry point only: the class needs no mode
 
-        return ActivationSide(self, model)
+        return ActivationSide(self, model, process_group)
 
     # ------------------------------------------------------------------ factors
 

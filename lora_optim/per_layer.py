@@ -26,8 +26,14 @@ mode). Dense parameters (``rank=None`` groups, vectors) keep their gradient in `
 
 Limitations: parameters that do not require grad when the mode is enabled are not hooked (their
 gradients, if any, go through ``p.grad`` as usual); ``torch.nn.utils.clip_grad_norm_`` sees no
-low-rank gradient (they are projected already); the mode does not run under
-``DistributedDataParallel`` (see the distributed docs).
+low-rank gradient (they are projected already).
+
+Not in a multi-process run: enabling the mode in a process group of more than one rank raises.
+Under ``DistributedDataParallel`` the mode could not save memory (DDP's buckets hold a copy of
+every gradient until its all-reduce) and would break DDP's reduction (it frees ``p.grad`` that
+DDP reads and writes back); under FSDP2 the sharded gradients are assigned, not accumulated, so
+the hooks would never run. Use the plain mode there (FSDP2 already frees each unsharded gradient
+after its reduce-scatter), or the activation-side mode with DDP.
 """
 
 from __future__ import annotations
@@ -36,6 +42,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
+
+from lora_optim.distributed import world_size
 
 if TYPE_CHECKING:  # pragma: no cover
     from lora_optim.optimizer import LoRAAdam
@@ -56,6 +64,13 @@ class PerLayerStep:
     def __init__(self, optimizer: LoRAAdam) -> None:
         if any(isinstance(mode, PerLayerStep) for mode in optimizer.grad_modes):
             raise ValueError("the per-layer mode is already enabled on this optimizer; remove() its handle first")
+        if world_size() > 1:
+            raise RuntimeError(
+                f"the per-layer mode does not run in a process group of {world_size()} ranks: under DDP its hooks "
+                "would free gradients that DDP's buckets copy and write back (no memory saved, DDP's reduction "
+                "broken); under FSDP2 they would never run. Use the plain mode (FSDP2 frees each unsharded "
+                "gradient after its reduce-scatter), or opt.attach(model) before wrapping the model in DDP."
+            )
         self._optimizer = optimizer
         self._hooks: list[Any] = []
         for group in optimizer.param_groups:

@@ -47,6 +47,9 @@ __all__ = [
     "ACCUMULATED_GRAD_B",
     "ACCUMULATION",
     "ACCUMULATOR_KEYS",
+    "ROW_SHARDED_KEYS",
+    "ROW_OFFSET",
+    "GLOBAL_ROWS",
 ]
 
 #: Adam updates taken (0-dim float32 tensor on the parameter's device).
@@ -83,3 +86,12 @@ DRIFT_KEYS = (DRIFT_PROBES, DRIFT_REFERENCE, DRIFT_CHANGE)
 ACCUMULATED_GRAD_A, ACCUMULATED_GRAD_B = "accumulated_grad_A", "accumulated_grad_B"
 ACCUMULATION = "accumulation"
 ACCUMULATOR_KEYS = (ACCUMULATED_GRAD_A, ACCUMULATED_GRAD_B, ACCUMULATION)
+
+#: Keys of tensors with one row per row of ``W``: sharded with ``W`` when it is sharded by rows
+#: (FSDP2); a projection adds its own in ``Projection.row_sharded_keys``.
+ROW_SHARDED_KEYS = (FACTOR_A, EXP_AVG_A, EXP_AVG_SQ_A, WEIGHT_COMPENSATION, DRIFT_REFERENCE, DRIFT_CHANGE,
+                    ACCUMULATED_GRAD_A)
+
+#: Not stored: on a row-sharded weight the engine shows projections this rank's view of the
+#: state, with the global index of its first row and the weight's global row count (ints).
+ROW_OFFSET, GLOBAL_ROWS = "row_offset", "global_rows"

@@ -133,7 +133,6 @@ def test_importing_the_package_in_a_fresh_interpreter_works():
 ALLOWED_PRIVATE = {
     "_version": "torch.Tensor's version counter: detects an input changed in place",
     "_getframe": "sys._getframe: attributes a warning to the user's line",
-    "_replace": "NamedTuple._replace (a public method with an underscore)",
 }
 
 

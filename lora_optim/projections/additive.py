@@ -92,17 +92,25 @@ def spread_rows_(target: Tensor, rows: Tensor, scale: float) -> None:
         target[blocks * rank :].add_(rows[:rest], alpha=scale)
 
 
-def additive_project(grad: Tensor, rank: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+def additive_project(grad: Tensor, rank: int, dtype: torch.dtype, row_offset: int = 0) -> tuple[Tensor, Tensor]:
     """``(Σ_{j≡k mod r} G_ij, Σ_{i≡k mod r} G_ij)`` in ``dtype``: the factor gradients at ``s = 1``.
 
     ``grad`` may have a lower precision than ``dtype`` (a bf16 ``G``). On the CPU one pass over
     ``G`` forms both sums in ``G``'s own dtype (:mod:`lora_optim.kernels`); elsewhere two GEMMs
     with the block identities (:func:`block_identity`), after converting a low-precision ``G``
-    block by block. The paths agree to float rounding.
+    block by block. The paths agree to float rounding. ``row_offset`` is the global index of
+    ``grad``'s first row (a row shard): the row sums go to the classes ``(row_offset + i) mod r``.
     """
     kernels = native_kernels()
     if kernels is not None and kernels.supports(grad, dtype):
-        return kernels.fold_additive(grad, rank, dtype)
+        grad_A, grad_B = kernels.fold_additive(grad, rank, dtype)
+    else:
+        grad_A, grad_B = _additive_project_torch(grad, rank, dtype)
+    # Local row i belongs to the class (row_offset + i) mod r: rotate the classes.
+    return grad_A, (grad_B.roll(row_offset % rank, dims=0) if row_offset % rank else grad_B)
+
+
+def _additive_project_torch(grad: Tensor, rank: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     out_features, in_features = grad.shape
     columns = block_identity(in_features, rank, dtype=dtype, device=grad.device)  # in×r
     rows_t = block_identity(out_features, rank, dtype=dtype, device=grad.device, transposed=True)  # r×out
@@ -121,9 +129,13 @@ def additive_project(grad: Tensor, rank: int, dtype: torch.dtype) -> tuple[Tenso
     return grad_A, grad_B
 
 
-def additive_add_delta_(target: Tensor, dA: Tensor, dB: Tensor, scale: float, row_start: int = 0) -> None:
-    """``target[i, j] += s·(dA[i, j mod r] + dB[i mod r, j])`` for the rows
-    ``row_start : row_start + len(target)`` of ``W`` that ``target`` holds.
+def additive_add_delta_(
+    target: Tensor, dA: Tensor, dB: Tensor, scale: float, row_start: int = 0, row_offset: int = 0
+) -> None:
+    """``target[i, j] += s·(dA[i, j mod r] + dB[g mod r, j])`` for the rows
+    ``row_start : row_start + len(target)`` of ``dA`` that ``target`` holds, where
+    ``g = row_offset + row_start + i`` is the row's index in the whole weight (``row_offset``:
+    the global index of ``dA``'s first row, non-zero on a row shard).
 
     ``target`` may have ``dA``'s dtype or a lower precision (a bf16 ``W``); then each element is
     rounded to nearest once. On the CPU one pass reads and writes each element once
@@ -131,20 +143,19 @@ def additive_add_delta_(target: Tensor, dA: Tensor, dB: Tensor, scale: float, ro
     (or into one temporary of its size for a lower precision).
     """
     rank = dA.shape[1]
-    rows = slice(row_start, row_start + target.shape[0])
-    columns = dA if target.shape[0] == dA.shape[0] else dA[rows]
+    columns = dA if target.shape[0] == dA.shape[0] else dA[row_start : row_start + target.shape[0]]
+    # Row i of target takes dB[(row_offset + row_start + i) mod r]: rotate dB to start there.
+    shift = (row_offset + row_start) % rank
+    rows = dB.roll(-shift, dims=0) if shift else dB
     kernels = native_kernels()
     if kernels is not None and kernels.supports(target, dA.dtype):
-        # Row i of target is row row_start + i of W: it takes dB[(row_start + i) mod r].
-        shifted = dB.roll(-(row_start % rank), dims=0) if row_start % rank else dB
-        kernels.spread_additive_(target, columns, shifted, scale)
+        kernels.spread_additive_(target, columns, rows, scale)
         torch.autograd.graph.increment_version(target)  # as an in-place torch op would
         return
-    block_rows = block_identity(dA.shape[0], rank, dtype=dA.dtype, device=dA.device)  # out×r
-    if target.shape[0] != dA.shape[0]:
-        block_rows = block_rows[rows]
+    block_rows = block_identity(target.shape[0], rank, dtype=dA.dtype, device=dA.device)  # len(target)×r
     left = torch.cat((columns, block_rows), dim=1)
-    right = torch.cat((block_identity(dB.shape[1], rank, dtype=dB.dtype, device=dB.device, transposed=True), dB), dim=0)
+    right = torch.cat((block_identity(dB.shape[1], rank, dtype=dB.dtype, device=dB.device, transposed=True), rows),
+                      dim=0)
     if target.dtype == dA.dtype:
         target.addmm_(left, right, alpha=scale)
     else:
@@ -157,6 +168,7 @@ class AdditiveProjection(Projection):
 
     name = "additive"
     accepts_low_precision_grad = True
+    supports_row_sharding = True  # the row folds use global row indices (row_offset)
 
     def init_state(self, weight: Tensor, rank: int, seed: int, factor_dtype: torch.dtype, group) -> FactorState:
         """``A`` (out×r) and ``B`` (r×in), both zero."""
@@ -170,9 +182,10 @@ class AdditiveProjection(Projection):
         """The stored ``(A, B)``."""
         return state[FACTOR_A], state[FACTOR_B]
 
-    def project(self, grad: Tensor, A: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
-        """Block row and column sums of ``G``; ``grad`` may be of lower precision."""
-        return additive_project(grad, A.shape[1], A.dtype)
+    def project(self, grad: Tensor, A: Tensor, B: Tensor, *, row_offset: int = 0) -> tuple[Tensor, Tensor]:
+        """Block row and column sums of ``G``; ``grad`` may be of lower precision. On a row shard
+        the row sums are this rank's part, in the classes of the global row indices."""
+        return additive_project(grad, A.shape[1], A.dtype, row_offset)
 
     def project_activations(self, inputs: Tensor, output_grads: Tensor, A: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
         """``(δYᵀ·fold(X), fold(δY)ᵀ·X)`` without forming ``G = δYᵀX``.
@@ -188,7 +201,7 @@ class AdditiveProjection(Projection):
 
     def add_delta_(self, target: Tensor, change: FactorChange, scale: float, row_start: int = 0) -> None:
         """``target += s·(dA[:, j mod r] + dB[i mod r, :])`` (``ΔW`` is linear in the factors)."""
-        additive_add_delta_(target, change.dA, change.dB, scale, row_start)
+        additive_add_delta_(target, change.dA, change.dB, scale, row_start, change.row_offset)
 
     def probe_delta(self, change: FactorChange, scale: float, probes: Tensor) -> Tensor:
         """``s·(dA·fold_rows(X) + spread_rows(dB·X))`` in fp64, with the stored steps ``dA``, ``dB``:

@@ -45,7 +45,9 @@ class FactorChange(NamedTuple):
     ``A``, ``B`` are the factors before the step and ``A_new``, ``B_new`` after it (as stored);
     ``dA = A_new − A`` and ``dB = B_new − B`` are the steps the stored factors really took, so
     the changes written into ``W`` telescope to ``s·(Δ(A_t, B_t) − Δ(A_0, B_0))`` of the
-    stored factors.
+    stored factors. ``row_offset`` is the index in the whole weight of the first row of ``A``
+    (non-zero when the weight is sharded by rows, e.g. by FSDP2: ``A`` then holds this rank's
+    rows, ``B`` all of it).
     """
 
     A: Tensor
@@ -54,6 +56,7 @@ class FactorChange(NamedTuple):
     B_new: Tensor
     dA: Tensor
     dB: Tensor
+    row_offset: int = 0
 
 
 class Projection(abc.ABC):
@@ -73,6 +76,17 @@ class Projection(abc.ABC):
     #: with fp32 factors). If not, the engine converts ``G`` to the factor dtype first (a
     #: weight-sized copy).
     accepts_low_precision_grad: ClassVar[bool] = False
+    #: Whether the variant runs on weights sharded by rows (FSDP2's ``fully_shard``): then every
+    #: method sees this rank's rows of ``G``, ``W`` and of the row-sharded state (``A``, its
+    #: moments), all of ``B``; :meth:`project` is called with ``row_offset`` (the global index of
+    #: the first local row) and returns this rank's rows of ``∂L/∂A`` and its *partial* ``∂L/∂B``
+    #: (the engine sums it over the ranks); the state carries ``state[ROW_OFFSET]`` and
+    #: ``state[GLOBAL_ROWS]`` (:mod:`lora_optim.state_keys`) for draws made for the whole weight.
+    #: A variant without it is refused on sharded weights.
+    supports_row_sharding: ClassVar[bool] = False
+    #: State keys of tensors with one row per row of ``W`` (besides ``A`` and its moments), which
+    #: are sharded with ``W``.
+    row_sharded_keys: ClassVar[tuple[str, ...]] = ()
 
     def validate_options(self, group: Mapping[str, Any]) -> None:
         """Checks that involve several options of ``group`` (each option's own check has run).
@@ -129,11 +143,12 @@ class Projection(abc.ABC):
         return A, B
 
     @abc.abstractmethod
-    def project(self, grad: Tensor, A: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
+    def project(self, grad: Tensor, A: Tensor, B: Tensor, *, row_offset: int = 0) -> tuple[Tensor, Tensor]:
         """Factor gradients ``(∂L/∂A, ∂L/∂B)`` at scale ``s = 1`` from the full gradient ``grad``
         (``out×in``); the engine multiplies both by ``s``. ``grad`` has the factors' dtype unless
         :attr:`accepts_low_precision_grad` is set. Return new tensors of the factors' dtype, or
-        ``None`` for a factor that does not train (:meth:`trained_factors`)."""
+        ``None`` for a factor that does not train (:meth:`trained_factors`). ``row_offset`` is
+        only passed on row-sharded weights (:attr:`supports_row_sharding`)."""
 
     def project_activations(
         self, inputs: Tensor, output_grads: Tensor, A: Tensor, B: Tensor
@@ -167,8 +182,8 @@ class Projection(abc.ABC):
         full fp64 ``out×in`` buffer through :meth:`add_delta_`; variants override it with a
         formula of cost ``O(r·(out+in)·k)``.
         """
-        wide = FactorChange(*(t.to(probes.dtype) for t in change))
-        wide = wide._replace(dA=wide.A_new - wide.A, dB=wide.B_new - wide.B)
+        A, B, A_new, B_new = (t.to(probes.dtype) for t in (change.A, change.B, change.A_new, change.B_new))
+        wide = FactorChange(A, B, A_new, B_new, A_new - A, B_new - B, change.row_offset)
         buffer = torch.zeros(change.A.shape[0], change.B.shape[1], dtype=probes.dtype, device=probes.device)
         self.add_delta_(buffer, wide, scale)
         return buffer @ probes

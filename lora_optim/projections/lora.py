@@ -130,6 +130,7 @@ class LoRAProjection(Projection):
     name = "lora"
     options = (Option("init", "peft", _check_init, doc="factor init: 'peft' (A = 0) or 'symmetric'"),)
     accepts_low_precision_grad = True
+    supports_row_sharding = True  # G·Bᵀ is row-local; Aᵀ·G of a row shard is a partial sum
 
     def init_state(
         self, weight: Tensor, rank: int, seed: int, factor_dtype: torch.dtype, group: Mapping[str, Any]
@@ -150,8 +151,9 @@ class LoRAProjection(Projection):
         """The stored ``(A, B)``."""
         return state[FACTOR_A], state[FACTOR_B]
 
-    def project(self, grad: Tensor, A: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
-        """``(G·Bᵀ, Aᵀ·G)``; ``grad`` may be of lower precision than the factors."""
+    def project(self, grad: Tensor, A: Tensor, B: Tensor, *, row_offset: int = 0) -> tuple[Tensor, Tensor]:
+        """``(G·Bᵀ, Aᵀ·G)``; ``grad`` may be of lower precision than the factors. On a row shard
+        (``A``, ``G``: this rank's rows) the second is this rank's part of the sum over rows."""
         return lowrank_project(grad, A, B)
 
     def project_activations(self, inputs: Tensor, output_grads: Tensor, A: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:

@@ -44,7 +44,7 @@ from lora_optim.projections.registry import register_projection
 from lora_optim.projections.base import FactorState
 from lora_optim.projections.lora import LoRAProjection
 from lora_optim.seeding import derive_seed, gaussian
-from lora_optim.state_keys import AGE, DRAWS, EXP_AVG_A, EXP_AVG_B, FACTOR_A, FACTOR_B, RANK, SEED
+from lora_optim.state_keys import AGE, DRAWS, EXP_AVG_A, EXP_AVG_B, FACTOR_A, FACTOR_B, GLOBAL_ROWS, RANK, ROW_OFFSET, SEED
 
 __all__ = ["RandomProjection", "draw_factors"]
 
@@ -101,10 +101,14 @@ class RandomProjection(LoRAProjection):
 
     @staticmethod
     def _draw(state: FactorState, draw: int) -> tuple[Tensor, Tensor]:
-        # Shapes, dtype and device come from the moments, which every low-rank state has.
+        # Shapes, dtype and device come from the moments, which every low-rank state has. On a
+        # row shard the whole A is drawn (the same numbers as one process) and this rank's rows kept.
         exp_avg_A, exp_avg_B = state[EXP_AVG_A], state[EXP_AVG_B]
-        return draw_factors(exp_avg_A.shape[0], exp_avg_B.shape[1], state[RANK], state[SEED], draw,
+        rows = exp_avg_A.shape[0]
+        offset, total = state.get(ROW_OFFSET, 0), state.get(GLOBAL_ROWS, rows)
+        A, B = draw_factors(total, exp_avg_B.shape[1], state[RANK], state[SEED], draw,
                             dtype=exp_avg_A.dtype, device=exp_avg_A.device)
+        return (A if rows == total else A[offset : offset + rows]), B
 
     @staticmethod
     def _current_draw(state: FactorState) -> tuple[Tensor, Tensor]:
