@@ -51,8 +51,11 @@ attached weights then do not require grad, so DDP leaves them out); each rank fo
 gradients of its own batch, and ``step()`` averages them over the ranks first, in one
 all-reduce of ``r·(out+in)`` values per matrix instead of DDP's ``out·in``
 (:meth:`LoRAAdam.reduce_projected_grads_ <lora_optim.LoRAAdam.reduce_projected_grads_>`). The
-group is the default process group, or the ``process_group`` given to ``attach``. Weights
-sharded by FSDP2 are not attached (they keep the ``G`` path, listed in the warning).
+group is the default process group, or the ``process_group`` given to ``attach``. Under FSDP2
+(attach after ``fully_shard``), each rank forms the whole factor gradients of its batch with the
+whole factors (an all-gather of ``A``, ``out×r``, per layer use), the step averages them and
+keeps this rank's rows: FSDP2 all-gathers ``W`` for the forward but no gradient of ``W`` is
+formed or reduce-scattered (:mod:`lora_optim.distributed`).
 
 Handled: ``nn.Linear`` (and subclasses that keep its ``forward``), called through the module.
 Falling back to ``G``: other layer types (convolutions, embeddings), weights shared with such a
@@ -74,7 +77,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from lora_optim.distributed import data_parallel_group, is_dtensor
+from lora_optim.distributed import data_parallel_group, is_dtensor, row_shard
+from lora_optim.projections import get_projection
 
 if TYPE_CHECKING:  # pragma: no cover
     from lora_optim.optimizer import LoRAAdam
@@ -169,7 +173,7 @@ class ActivationSide:
                     raise ValueError(f"{name} is already attached by another attach() handle of this optimizer")
                 if not p.requires_grad:  # frozen: the plain mode would not train it either
                     continue
-                reason = "sharded by FSDP2" if is_dtensor(p) else self._unsupported(holders.get(id(p), []), functional)
+                reason = self._unsupported(holders.get(id(p), []), functional) or self._unshardable(optimizer, p)
                 if reason is not None:
                     self.fallback[name] = reason
                     continue
@@ -194,6 +198,19 @@ class ActivationSide:
     def params(self) -> tuple[Tensor, ...]:
         """The attached weights."""
         return tuple(self._params)
+
+    @staticmethod
+    def _unshardable(optimizer: LoRAAdam, p: Tensor) -> str | None:
+        if not is_dtensor(p):
+            return None
+        try:
+            row_shard(p)
+        except ValueError as error:
+            return str(error)
+        group = next(g for g in optimizer.param_groups if any(q is p for q in g["params"]))
+        if not get_projection(group["projection"]).supports_row_sharding:
+            return f"sharded by FSDP2, and projection {group['projection']!r} does not support row-sharded weights"
+        return None
 
     @staticmethod
     def _unsupported(holders: list[tuple[nn.Module, str]], functional: set[int]) -> str | None:

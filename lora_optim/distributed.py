@@ -29,6 +29,12 @@ all-reduces them before the step (:meth:`LoRAAdam.reduce_projected_grads_
 <lora_optim.LoRAAdam.reduce_projected_grads_>`): ``r·(out+in)`` values per matrix instead of
 DDP's ``out·in``.
 
+The activation-side mode meets FSDP2 the same way: each rank forms the whole ``g_A`` (``out×r``)
+and ``g_B`` from its own batch, with the whole factors (an all-gather of ``A``, ``out×r``, per
+layer use), and the step averages them over the ranks (one all-reduce of ``r·(out+in)`` values
+per matrix) and keeps this rank's rows of ``g_A``. FSDP2 still all-gathers ``W`` for the forward,
+but no gradient of ``W`` is formed or reduce-scattered.
+
 This module holds the layout and the collectives; :class:`~lora_optim.LoRAAdam` calls it when it
 sees a DTensor parameter, and the activation-side mode when it runs in a process group.
 """
@@ -36,7 +42,7 @@ sees a DTensor parameter, and the activation-side mode when it runs in a process
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, MutableMapping, Sequence
+from collections.abc import Iterator, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,6 +57,7 @@ __all__ = [
     "is_dtensor",
     "local",
     "LocalState",
+    "WholeState",
     "shard_rows_",
     "all_reduce_sum_",
     "data_parallel_group",
@@ -144,6 +151,25 @@ class LocalState(MutableMapping):
 
     def __delitem__(self, key: str) -> None:
         del self._state[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._state)
+
+    def __len__(self) -> int:
+        return len(self._state)
+
+
+class WholeState(Mapping):
+    """A read-only view of one parameter's state with every DTensor read whole (``full_tensor()``:
+    an all-gather, so every rank must read the same keys in the same order). The activation-side
+    mode on a sharded weight projects each rank's own batch with the whole factors."""
+
+    def __init__(self, state: dict[str, Any]) -> None:
+        self._state = state
+
+    def __getitem__(self, key: str) -> Any:
+        value = self._state[key]
+        return value.full_tensor() if is_dtensor(value) else value
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._state)

@@ -109,10 +109,13 @@ class LowRankItem:
     writer: WeightWriter
     grad: Tensor | None = None
     sums: tuple[Tensor, Tensor] | None = None
-    #: On a weight sharded by rows (FSDP2): the global index of the first local row, and the
-    #: process group over which ``∂L/∂B`` is a partial sum (``None``: not sharded).
+    #: On a weight sharded by rows (FSDP2): the global index of the first local row, the process
+    #: group the weight is sharded over (``None``: not sharded), and whether this rank's
+    #: ``∂L/∂B`` is a partial sum over the group (from ``G``'s local rows; the activation-side
+    #: mode's sums are whole already).
     row_offset: int = 0
     group: Any = None
+    partial_B: bool = False
     # Filled by the engine.
     factors: tuple[Tensor, Tensor] | None = None
     factor_grads: tuple[Tensor, Tensor] | None = None
@@ -257,7 +260,7 @@ def _sum_partial_grads_(lowrank: Sequence[LowRankBatch]) -> None:
     partial: dict[Any, list[Tensor]] = {}
     for batch in lowrank:
         for item in batch.items:
-            if item.group is not None and item.factor_grads[1] is not None:
+            if item.partial_B and item.factor_grads[1] is not None:
                 partial.setdefault(item.group, []).append(item.factor_grads[1])
     for group, grads in partial.items():
         all_reduce_sum_(grads, group)

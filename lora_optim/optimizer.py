@@ -24,7 +24,7 @@ from torch.utils.hooks import RemovableHandle
 
 from lora_optim import accumulation, engine
 from lora_optim.checkpoint import check_loadable
-from lora_optim.distributed import LocalState, all_reduce_sum_, is_dtensor, local, row_shard, shard_rows_
+from lora_optim.distributed import LocalState, WholeState, all_reduce_sum_, is_dtensor, local, row_shard, shard_rows_
 from lora_optim.drift import DriftReport, init_drift_state, measure_drift
 from lora_optim.grad_mode import GradMode
 from lora_optim.matrix import as_matrix, matrix_shape
@@ -386,7 +386,9 @@ class LoRAAdam(torch.optim.Optimizer):
                 f"accumulate_activation_grad_: {self._name(p)} expects inputs (..., {in_features}) and output "
                 f"gradients (..., {out_features}); got {tuple(inputs.shape)} and {tuple(output_grads.shape)}"
             )
-        accumulation.add_piece_(state, *engine.project_activation_piece(projection, state, group, inputs, output_grads))
+        # On a weight sharded by rows (FSDP2) this rank's batch touches every row: whole factors.
+        view = WholeState(state) if row_shard(p) is not None else state
+        accumulation.add_piece_(state, *engine.project_activation_piece(projection, view, group, inputs, output_grads))
 
     @torch.no_grad()
     def reduce_projected_grads_(self, params: Iterable[Tensor], group: Any = None) -> None:
@@ -406,9 +408,10 @@ class LoRAAdam(torch.optim.Optimizer):
             _, state, _ = self._low_rank_target(p, "reduce_projected_grads_")
             sums = accumulation.open_sums(state)
             had_sums = sums is not None
-            if sums is None:
-                sums = (torch.zeros_like(local(state[MOMENT_KEYS["A"][0]])),
-                        torch.zeros_like(local(state[MOMENT_KEYS["B"][0]])))
+            if sums is None:  # whole-weight shapes, also for a sharded weight (its sums are whole)
+                moment_A, moment_B = state[MOMENT_KEYS["A"][0]], state[MOMENT_KEYS["B"][0]]
+                sums = (torch.zeros(moment_A.shape, dtype=moment_A.dtype, device=local(moment_A).device),
+                        torch.zeros(moment_B.shape, dtype=moment_B.dtype, device=local(moment_B).device))
             present = torch.full((), float(had_sums), dtype=sums[0].dtype, device=sums[0].device)
             entries.append((state, sums, present))
         tensors = [t for _, sums, present in entries for t in (*sums, present.reshape(1))]
@@ -464,6 +467,9 @@ class LoRAAdam(torch.optim.Optimizer):
                     consumed.append(state)
                 shard = row_shard(p)
                 view = state if shard is None else LocalState(state, shard)
+                if shard is not None and sums is not None:  # whole sums of the activation-side mode
+                    rows = slice(shard.row_offset, shard.row_offset + shard.local_rows)
+                    sums = (sums[0][rows], sums[1])
                 factors = view[MOMENT_KEYS["A"][0]]
                 key = (group_index, factors.device, factors.dtype)
                 batch = lowrank.get(key)
@@ -475,6 +481,7 @@ class LoRAAdam(torch.optim.Optimizer):
                     grad=local(p.grad) if sums is None else None, sums=sums,
                     row_offset=0 if shard is None else shard.row_offset,
                     group=None if shard is None else shard.group,
+                    partial_B=shard is not None and sums is None,
                 ))
         return list(dense.values()), list(lowrank.values()), consumed
 

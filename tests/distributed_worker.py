@@ -137,14 +137,20 @@ def shard(model: nn.Module) -> nn.Module:
     return model
 
 
-def scenario_fsdp(rank: int, world: int) -> dict:
+def scenario_fsdp(rank: int, world: int, mode: str = "plain") -> dict:
     results = {}
     data = batches()
     for name, options in CASES.items():
         model = shard(make_model())
         optimizer = make_optimizer(model, options)
+        if mode == "activation":
+            handle = optimizer.attach(model)  # after fully_shard: the weights are DTensors
+            if handle.fallback:
+                raise AssertionError(f"fell back to G: {handle.fallback}")
         results[name] = {"trajectory": train(model, optimizer, data, rank, world),
                          "state": state_snapshot(optimizer, model)}
+    if mode == "activation":
+        return results
     # What is refused on sharded weights, before anything changes.
     model = shard(make_model())
     optimizer = make_optimizer(model, {"drift_probes": 2})
@@ -197,10 +203,10 @@ def scenario_dcp_load(rank: int, world: int, checkpoint: str) -> dict:
     return results
 
 
-def main(rank: int, world: int, port: int, out: str, scenario: str, extra: str) -> None:
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+def main(rank: int, world: int, rendezvous: str, out: str, scenario: str, extra: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # A file rendezvous: no TCP port to race for with other jobs on the machine.
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
     try:
         if scenario in ("ddp-plain", "ddp-activation"):
             result = scenario_ddp(rank, world, scenario.split("-")[1])
@@ -208,6 +214,8 @@ def main(rank: int, world: int, port: int, out: str, scenario: str, extra: str) 
             result = scenario_ddp_per_layer(rank, world)
         elif scenario == "fsdp":
             result = scenario_fsdp(rank, world)
+        elif scenario == "fsdp-activation":
+            result = scenario_fsdp(rank, world, "activation")
         elif scenario == "dcp-save":
             result = scenario_dcp_save(rank, world, extra)
         elif scenario == "dcp-load":

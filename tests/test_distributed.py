@@ -8,7 +8,6 @@ gradient of the whole batch's mean loss, so the trajectories agree to float roun
 
 from __future__ import annotations
 
-import socket
 import sys
 from pathlib import Path
 
@@ -26,14 +25,9 @@ TOL = 1e-10
 WORLD = 2
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _spawn(tmp_path: Path, scenario: str, extra: str = "") -> list:
-    mp.spawn(worker.main, args=(WORLD, _free_port(), str(tmp_path), scenario, extra), nprocs=WORLD, join=True)
+    rendezvous = tmp_path / f"{scenario}.rendezvous"
+    mp.spawn(worker.main, args=(WORLD, str(rendezvous), str(tmp_path), scenario, extra), nprocs=WORLD, join=True)
     return [torch.load(tmp_path / f"{scenario}-rank{rank}.pt", weights_only=True) for rank in range(WORLD)]
 
 
@@ -125,6 +119,21 @@ def test_fsdp2_equals_one_process(fsdp, case):
                     name, key)
             else:
                 assert got == value, (name, key)
+
+
+@pytest.fixture(scope="module")
+def fsdp_activation(tmp_path_factory):
+    return _spawn(tmp_path_factory.mktemp("fsdp-activation"), "fsdp-activation")
+
+
+@pytest.mark.parametrize("case", list(worker.CASES))
+def test_fsdp2_activation_side_equals_one_process(fsdp_activation, case):
+    """Attached after fully_shard: whole factor gradients from each rank's batch, averaged, this
+    rank's rows of g_A kept; no gradient of W is formed."""
+    _, _, expected = _reference(worker.CASES[case])
+    for rank, result in enumerate(fsdp_activation):
+        _assert_trajectory(result[case]["trajectory"], expected, f"{case} rank {rank}")
+    _assert_same_states([result[case]["state"] for result in fsdp_activation], case)
 
 
 @pytest.mark.parametrize("case", ["lora", "random-K3-reset", "additive", "lora-compensated"])
