@@ -38,6 +38,7 @@ from lora_optim.precision import default_precision, factor_dtype, get_writer
 from lora_optim.projections import Projection, get_projection
 from lora_optim.projections import projection_options as registered_projection_options
 from lora_optim.seeding import derive_seed
+from lora_optim.sparsity import init_sparsity_state
 from lora_optim.state_keys import (
     ACCUMULATED_GRAD_A,
     ACCUMULATION,
@@ -106,6 +107,9 @@ class LoRAAdam(torch.optim.Optimizer):
             anything changes.
         drift_probes: number of random probe vectors of the drift check (:mod:`lora_optim.drift`,
             :meth:`drift`); ``0`` (default) turns it off at no cost.
+        preserve_sparsity: keep every zero of each low-rank weight exactly zero (LoRS): train
+            ``W = W₀ + s·ΔW ⊙ [W₀ ≠ 0]``, with the mask stored packed, 1 bit per weight
+            (:mod:`lora_optim.sparsity`).
         **projection_options: options of the projections, e.g. ``init="symmetric"`` (``lora``),
             ``resample_every=1`` and ``moment_rule="keep"`` (``random``). An option must belong
             to the projection of at least one group.
@@ -142,12 +146,13 @@ class LoRAAdam(torch.optim.Optimizer):
         precision: str | None = None,
         nonfinite: str = "skip",
         drift_probes: int = 0,
+        preserve_sparsity: bool = False,
         **projection_options: Any,
     ) -> None:
         check_option_names(projection_options, where="LoRAAdam")
         common = dict(lr=lr, rank=rank, alpha=alpha, projection=projection, betas=betas, eps=eps,
                       weight_decay=weight_decay, seed=seed, precision=precision, nonfinite=nonfinite,
-                      drift_probes=drift_probes)
+                      drift_probes=drift_probes, preserve_sparsity=preserve_sparsity)
         common = {name: COMMON_OPTIONS[name].validate(value) for name, value in common.items()}
         declared = registered_projection_options()
         projection_options = {name: declared[name][0].validate(value) for name, value in projection_options.items()}
@@ -287,6 +292,8 @@ class LoRAAdam(torch.optim.Optimizer):
                 weight = as_matrix(p.detach())
                 fresh.update(get_projection(group["projection"]).init_state(weight, rank, seed, dtype, group))
                 fresh.update(get_writer(self._precision(p, group)).init_state(weight, seed))
+                if group["preserve_sparsity"]:  # the mask M = [W0 != 0] (lora_optim.sparsity)
+                    fresh.update(init_sparsity_state(weight))
                 if group["drift_probes"]:
                     fresh.update(init_drift_state(weight, group["drift_probes"], seed))
         state.update(fresh)

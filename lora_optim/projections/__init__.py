@@ -80,4 +80,4 @@ def projection_options(excluding: str | None = None) -> dict[str, tuple[Option, 
 
 
 # Built-in variants register themselves on import.
-from lora_optim.projections import additive, lora, random  # noqa: E402,F401
+from lora_optim.projections import additive, lora, random, svd  # noqa: E402,F401
