@@ -26,6 +26,11 @@ matrices; ``tests/test_engine.py`` counts them with a ``TorchDispatchMode``.
 
 Dense parameters (``rank=None`` groups, vectors) take one ``torch._fused_adamw_`` per batch,
 bit for bit ``torch.optim.AdamW(fused=True)``.
+
+With ``preserve_sparsity=True`` (:mod:`lora_optim.sparsity`) ``G`` (or each piece) is masked
+before :meth:`Projection.step_factors` and the projection see it, and the write goes through a
+:class:`~lora_optim.weight_change.MaskedWeightDelta`: a few more ops per matrix, and none for
+groups without the option.
 """
 
 from __future__ import annotations
