@@ -90,8 +90,9 @@ class LoRAAdam(torch.optim.Optimizer):
         alpha: scale numerator, ``s = alpha / rank`` (PEFT's meaning; the configured ``rank`` is
             used even where a small matrix clips it). ``None`` means ``alpha = rank``, ``s = 1``.
         projection: name of a registered projection: ``"lora"`` (persistent factors),
-            ``"random"`` (Gaussian factors redrawn every ``resample_every`` steps) or
-            ``"additive"`` (``ΔW_ij = A_{i, j mod r} + B_{i mod r, j}``); see
+            ``"random"`` (Gaussian factors redrawn every ``resample_every`` steps),
+            ``"additive"`` (``ΔW_ij = A_{i, j mod r} + B_{i mod r, j}``) or ``"svd"``
+            (GaLore-style, :mod:`lora_optim.projections.svd`); see
             :func:`lora_optim.available_projections`.
         betas: Adam's ``(β1, β2)``, each in ``[0, 1)``.
         eps: added to ``√v̂``; a finite number > 0.
@@ -109,10 +110,12 @@ class LoRAAdam(torch.optim.Optimizer):
             :meth:`drift`); ``0`` (default) turns it off at no cost.
         preserve_sparsity: keep every zero of each low-rank weight exactly zero (LoRS): train
             ``W = W₀ + s·ΔW ⊙ [W₀ ≠ 0]``, with the mask stored packed, 1 bit per weight
-            (:mod:`lora_optim.sparsity`).
-        **projection_options: options of the projections, e.g. ``init="symmetric"`` (``lora``),
-            ``resample_every=1`` and ``moment_rule="keep"`` (``random``). An option must belong
-            to the projection of at least one group.
+            (:mod:`lora_optim.sparsity`). Densely trained parameters (vectors, ``rank=None``
+            groups) are not masked: plain AdamW moves their zeros.
+        **projection_options: options of the projections, e.g. ``init="symmetric"``,
+            ``"pissa"``, ``"minor"`` or ``"gradient"`` and ``svd_niter`` (``lora``),
+            ``resample_every=1`` and ``moment_rule="keep"`` (``random``), ``refresh_every``
+            (``svd``). An option must belong to the projection of at least one group.
 
     Values are normalised when validated (NumPy scalars become ``int``/``float``), so the
     optimizer state always loads with ``torch.load(..., weights_only=True)``.

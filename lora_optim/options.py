@@ -146,6 +146,6 @@ def beta_pair(name: str, value: Any) -> tuple[float, float]:
 
 def boolean(name: str, value: Any) -> bool:
     """``True`` or ``False`` (a ``bool``, or a NumPy bool: anything else raises)."""
-    if isinstance(value, bool) or type(value).__name__ == "bool_":
+    if isinstance(value, bool) or (type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_")):
         return bool(value)
     raise ValueError(f"Invalid {name}: {value!r}; must be True or False")

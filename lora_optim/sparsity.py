@@ -36,6 +36,9 @@ and lets the per-layer and activation-side modes mask their pieces from the stat
 mask is taken from ``W`` when the parameter's optimizer state is created (its first
 ``step()``, ``accumulate_*`` or ``get_factors``); pruning ``W`` further after that is not seen.
 
+Only the low-rank matrices are masked: densely trained parameters (vectors, ``rank=None``
+groups) take plain AdamW steps, which move their zeros.
+
 Per step and matrix the mask costs two ops to unpack (a bitwise ``and`` and a compare), one to
 mask ``G`` (a copy: ``p.grad`` is never changed), and in the write one masked product per block
 of rows (:mod:`lora_optim.kernels.blocks`), instead of adding the change into ``W`` directly.

@@ -17,6 +17,15 @@ from lora_optim.projections.svd import LEFT, RIGHT, side_of
 TOL = 1e-10
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: one intra-op thread is faster on the shared 2-core machine (restored after)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
 
@@ -82,7 +91,8 @@ class GaLoreTwin:
 @pytest.mark.parametrize("rule", ["keep", "reset", "transport"])
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])
 def test_matches_the_explicit_galore_loop(rule, weight_decay):
-    """Three refreshes (every 4 steps) of both sides, float64, exact SVD: every weight after every step."""
+    """Three refreshes (every 4 steps) of both sides, float64, exact SVD: every weight after every step
+    (measured worst relative difference 2.4e-15 over the six cases)."""
     model, batches = _net()
     ours = copy.deepcopy(model)
     weights = [p for p in ours.parameters() if p.ndim == 2]
@@ -165,7 +175,8 @@ def test_matches_galore_torch():
     for theirs, mine, start in zip(theirs_w, ours_w, initial):
         change = theirs.detach() - start
         assert change.norm() > 1e-3 * start.norm()
-        assert _rel(mine.detach() - start, change) <= 1e-4, _rel(mine.detach() - start, change)
+        # measured 1.9e-6 (float32 rounding of two different Adam codes over 9 steps): 10x margin
+        assert _rel(mine.detach() - start, change) <= 2e-5, _rel(mine.detach() - start, change)
 
 
 def test_side_by_shape_and_refresh_schedule():
