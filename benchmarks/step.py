@@ -4,7 +4,9 @@ For each shape ``out×in``, rank ``r`` and weight dtype (fp32, bf16), one proces
 ``opt.step()`` on a single weight ``W`` with a fixed gradient ``G`` (``W``'s dtype), for:
 
 * ``lora_optim`` ``lora``, ``additive``, ``random`` (``resample_every=1``: its factors are
-  regenerated from the seed every step, included in the time), all with ``precision="nearest"``;
+  regenerated from the seed every step, included in the time), ``svd`` (GaLore-style one-sided
+  projection; its basis is computed from ``G`` at the first step, run before timing and reported
+  on its own, and refreshed every 200 steps, as GaLore's), all with ``precision="nearest"``;
   ``lora (torch path)``: the same step with the compiled kernels off (two skinny GEMMs, a
   concat and one addmm: the straightforward step); for bf16 also ``lora (compensated)``, the
   default write mode for bf16 weights (keeps a bf16 compensation buffer, more traffic);
@@ -19,12 +21,14 @@ The roofline is measured in the same run, interleaved with the steps: the copy b
 a 128 MiB fp32 ``copy_`` (bytes read + written per second) and the GEMM rate from a 2048²
 fp32 ``mm``. The unavoidable work of a step is reading ``G`` once, reading and writing ``W``
 once, and ``8·out·in·r`` flops for ``lora``/``random`` (``G·Bᵀ``, ``Aᵀ·G`` and the rank-2r
-update of ``W``; ``5·out·in`` for ``additive``), so
+update of ``W``; ``5·out·in`` for ``additive``; ``4·out·in·r`` for ``svd``: one projection and a
+rank-r update), so
 
     t_roof = max((|G| + 2·|W|) bytes / copy bandwidth, flops / GEMM rate).
 
-Methods are interleaved (rotated order) over the repeats; tables show medians and ratios from
-this run only.
+Each case also lists the optimizer state (:func:`lora_optim.optimizer_state_bytes`) of ``svd``,
+``lora`` and GaLore after their first step. Methods are interleaved (rotated order) over the
+repeats; tables show medians and ratios from this run only.
 
 The first table is not a timing: it is the *GPU shape* of one step of many matrices, counted
 with :class:`lora_optim.dispatch_count.DispatchCounter` on the torch path (native kernels off,
@@ -62,7 +66,7 @@ from _common import (  # noqa: E402
     save_results,
 )
 
-from lora_optim import LoRAAdam  # noqa: E402
+from lora_optim import LoRAAdam, optimizer_state_bytes  # noqa: E402
 from lora_optim.dispatch_count import DispatchCounter  # noqa: E402
 from lora_optim.kernels import native_kernels, use_native  # noqa: E402
 from lora_optim.nonfinite import finite_flags  # noqa: E402
@@ -73,7 +77,7 @@ RANKS = (8, 64)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 TARGET_SHAPES = {(4096, 4096), (4096, 11008)}
 TARGETS = {"lora": 1.5, "additive": 1.5, "random": 1.8}
-OURS = ("lora", "additive", "random")
+OURS = ("lora", "additive", "random", "svd")
 PEERS = ("AdamW foreach", "AdamW fused", "GaLore", "APOLLO", "Flora", "PEFT LoRA (AdamW step)")
 LR = 1e-5
 
@@ -82,7 +86,9 @@ GEMM_SIZE = 2048
 
 
 def _flops(method: str, rows: int, cols: int, rank: int) -> float:
-    return 5.0 * rows * cols if method.startswith("additive") else 8.0 * rows * cols * rank
+    if method.startswith("additive"):
+        return 5.0 * rows * cols
+    return (4.0 if method.startswith("svd") else 8.0) * rows * cols * rank
 
 
 def _lora_optim(param: torch.nn.Parameter, rank: int, projection: str, precision: str, native: bool):
@@ -121,8 +127,10 @@ def _peer_makers(params: list[torch.nn.Parameter], rank: int) -> dict[str, Calla
     }
 
 
-def _peers(param: torch.nn.Parameter, grad: torch.Tensor, rank: int, notes: list[str]) -> dict[str, Callable[[], None]]:
-    """Every peer's step on ``param`` (``param.grad`` set); a peer that fails is left out with a note."""
+def _peers(param: torch.nn.Parameter, grad: torch.Tensor, rank: int, notes: list[str],
+           state_bytes: dict[str, int] | None = None) -> dict[str, Callable[[], None]]:
+    """Every peer's step on ``param`` (``param.grad`` set); a peer that fails is left out with a note.
+    GaLore's state after its first step goes into ``state_bytes``."""
     rows, cols = param.shape
     makers = _peer_makers([param], rank)
     steps: dict[str, Callable[[], None]] = {}
@@ -135,6 +143,8 @@ def _peers(param: torch.nn.Parameter, grad: torch.Tensor, rank: int, notes: list
             first = time.perf_counter() - start
             if name == "GaLore":
                 notes.append(f"GaLore's first step (with its SVD) took {first * 1e3:.0f} ms")
+                if state_bytes is not None:
+                    state_bytes["GaLore"] = optimizer_state_bytes(opt)
             steps[name] = opt.step
         except Exception as error:  # a peer that cannot run this case is reported, not fatal
             notes.append(f"{name}: not run ({type(error).__name__}: {str(error)[:100]})")
@@ -175,10 +185,18 @@ def run_case(rows: int, cols: int, rank: int, dtype_name: str, repeats: int) -> 
     notes: list[str] = []
     methods: dict[str, Callable[[], None]] = {}
     keep_alive = []
+    state_bytes: dict[str, int] = {}
     for projection in OURS:
         opt, step = _lora_optim(param, rank, projection, "nearest", native=True)
         keep_alive.append(opt)
         methods[projection] = step
+        if projection in ("svd", "lora"):
+            start = time.perf_counter()
+            step()  # first step: state, and svd's basis from G (every 200 steps after)
+            first = time.perf_counter() - start
+            if projection == "svd":
+                notes.append(f"svd's first step (with its SVD of G) took {first * 1e3:.0f} ms")
+            state_bytes[projection] = optimizer_state_bytes(opt)
     opt, step = _lora_optim(param, rank, "lora", "nearest", native=False)
     keep_alive.append(opt)
     methods["lora (torch path)"] = step
@@ -186,7 +204,9 @@ def run_case(rows: int, cols: int, rank: int, dtype_name: str, repeats: int) -> 
         opt, step = _lora_optim(param, rank, "lora", "compensated", native=True)
         keep_alive.append(opt)
         methods["lora (compensated)"] = step
-    methods.update(_peers(param, grad, rank, notes))
+    methods.update(_peers(param, grad, rank, notes, state_bytes))
+    notes.append("optimizer state after the first step: " + ", ".join(
+        f"{name} {size / 2**20:.3f} MiB" for name, size in state_bytes.items()))
     # Flora sets p.grad = None after its step: every method gets the same G back first.
     methods = {name: _with_grad(param, grad, step) for name, step in methods.items()}
     methods.update(_roofline_probes())
@@ -309,7 +329,7 @@ def _summary(cases: list[dict]) -> str:
         for name in OURS:
             m = methods[name]
             ratio = m["median"] / m["roof"]
-            target = TARGETS[name] if shape in TARGET_SHAPES else None
+            target = TARGETS.get(name) if shape in TARGET_SHAPES else None
             verdict = "" if target is None else ("met" if ratio <= target else "NOT met")
             rows.append([
                 f"{shape[0]}×{shape[1]}", case["rank"], case["dtype"], name, fmt_ms(m["median"]),

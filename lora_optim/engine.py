@@ -26,6 +26,11 @@ matrices; ``tests/test_engine.py`` counts them with a ``TorchDispatchMode``.
 
 Dense parameters (``rank=None`` groups, vectors) take one ``torch._fused_adamw_`` per batch,
 bit for bit ``torch.optim.AdamW(fused=True)``.
+
+With ``preserve_sparsity=True`` (:mod:`lora_optim.sparsity`) ``G`` (or each piece) is masked
+before :meth:`Projection.step_factors` and the projection see it, and the write goes through a
+:class:`~lora_optim.weight_change.MaskedWeightDelta`: a few more ops per matrix, and none for
+groups without the option.
 """
 
 from __future__ import annotations
@@ -43,8 +48,9 @@ from lora_optim.matrix import as_matrix, writable_matrix
 from lora_optim.nonfinite import FiniteCheck, NonFiniteGradientError
 from lora_optim.precision import WeightWriter
 from lora_optim.projections.base import FactorChange, Projection
-from lora_optim.state_keys import DRIFT_CHANGE, EXP_AVG, EXP_AVG_SQ, MOMENT_KEYS, STEP
-from lora_optim.weight_change import WeightDelta
+from lora_optim.sparsity import mask_grad, masked_probe_delta, sparsity_mask
+from lora_optim.state_keys import DRIFT_CHANGE, DRIFT_PROBES, EXP_AVG, EXP_AVG_SQ, MOMENT_KEYS, STEP
+from lora_optim.weight_change import MaskedWeightDelta, WeightDelta
 
 __all__ = [
     "AdamHyper",
@@ -161,10 +167,14 @@ def project_piece(
     that does not train gets zeros).
 
     A NaN or Inf in ``G`` poisons the result (one reduction, on the device, no sync), so the
-    step's check of the sums sees it even if the projection would hide it.
+    step's check of the sums sees it even if the projection would hide it. With
+    ``preserve_sparsity=True`` the piece is masked first (:mod:`lora_optim.sparsity`).
     """
     A, B = projection.step_factors(state, options)
     matrix = prepare_grad(grad, A.dtype, projection)
+    mask = sparsity_mask(state, options)  # preserve_sparsity: G ⊙ M
+    if mask is not None:
+        matrix = mask_grad(matrix, mask)
     grad_A, grad_B = _fill_frozen(projection.project(matrix, A, B), A, B)
     grad_A.add_(torch.linalg.vector_norm(matrix, float("inf")).to(grad_A.dtype).mul_(0))  # 0·Inf = NaN
     return grad_A, grad_B
@@ -174,7 +184,8 @@ def project_activation_piece(
     projection: Projection, state: Mapping[str, Any], options: Mapping[str, Any], inputs: Tensor, output_grads: Tensor
 ) -> tuple[Tensor, Tensor]:
     """``(∂L/∂A, ∂L/∂B)`` at ``s = 1`` of one use of a linear layer: ``inputs`` ``X`` (``...×in``)
-    and ``output_grads`` ``δY`` (``...×out``), rows are tokens; ``G = δYᵀX`` is never formed."""
+    and ``output_grads`` ``δY`` (``...×out``), rows are tokens; ``G = δYᵀX`` is never formed,
+    except with ``preserve_sparsity=True``, where ``(δYᵀX) ⊙ M`` is (:mod:`lora_optim.sparsity`)."""
     A, B = projection.step_factors(state, options)
     x_rows = inputs.reshape(-1, inputs.shape[-1])
     grad_rows = output_grads.reshape(-1, output_grads.shape[-1])
@@ -182,6 +193,9 @@ def project_activation_piece(
         x_rows = x_rows.to(A.dtype)
     if grad_rows.dtype != A.dtype:
         grad_rows = grad_rows.to(A.dtype)
+    mask = sparsity_mask(state, options)  # preserve_sparsity: the masked G has no low-rank shortcut
+    if mask is not None:
+        return _fill_frozen(projection.project(mask_grad(torch.mm(grad_rows.t(), x_rows), mask), A, B), A, B)
     return _fill_frozen(projection.project_activations(x_rows, grad_rows, A, B), A, B)
 
 
@@ -303,6 +317,9 @@ def step_(
                 item.factor_grads = item.sums
                 continue
             item.grad = prepare_grad(item.grad, item.state[MOMENT_KEYS["A"][0]].dtype, batch.projection)
+            mask = sparsity_mask(item.state, batch.options)  # preserve_sparsity: G ⊙ M
+            if mask is not None:
+                item.grad = mask_grad(item.grad, mask)
             A, B = batch.projection.step_factors(item.state, batch.options, item.grad)
             item.factors = (A, B)
             if item.group is None:
@@ -401,7 +418,14 @@ def _lowrank_step_(batch: LowRankBatch, items: list[LowRankItem], grad_scale: Te
         old_A, step_A = (A, torch.zeros_like(A)) if index_A is None else (before[index_A], deltas[index_A])
         old_B, step_B = (B, torch.zeros_like(B)) if index_B is None else (before[index_B], deltas[index_B])
         change = FactorChange(old_A, old_B, A, B, step_A, step_B, item.row_offset)
+        mask = sparsity_mask(item.state, batch.options)  # preserve_sparsity: (s·ΔW) ⊙ M
         if DRIFT_CHANGE in item.state:
-            record_drift_step_(item.state, projection, change, batch.scale)
+            if mask is None:
+                record_drift_step_(item.state, projection, change, batch.scale)
+            else:
+                item.state[DRIFT_CHANGE].add_(masked_probe_delta(projection, change, batch.scale,
+                                                                 item.state[DRIFT_PROBES], mask))
+        delta = (WeightDelta(projection, change, batch.scale) if mask is None
+                 else MaskedWeightDelta(projection, change, batch.scale, mask))
         with writable_matrix(item.param) as weight:
-            item.writer.write_(weight, item.state, WeightDelta(projection, change, batch.scale))
+            item.writer.write_(weight, item.state, delta)

@@ -39,6 +39,7 @@ from lora_optim.precision import default_precision, factor_dtype, get_writer
 from lora_optim.projections import Projection, get_projection
 from lora_optim.projections import projection_options as registered_projection_options
 from lora_optim.seeding import derive_seed
+from lora_optim.sparsity import init_sparsity_state
 from lora_optim.state_keys import (
     ACCUMULATED_GRAD_A,
     ACCUMULATED_GRAD_B,
@@ -92,8 +93,9 @@ class LoRAAdam(torch.optim.Optimizer):
         alpha: scale numerator, ``s = alpha / rank`` (PEFT's meaning; the configured ``rank`` is
             used even where a small matrix clips it). ``None`` means ``alpha = rank``, ``s = 1``.
         projection: name of a registered projection: ``"lora"`` (persistent factors),
-            ``"random"`` (Gaussian factors redrawn every ``resample_every`` steps) or
-            ``"additive"`` (``ΔW_ij = A_{i, j mod r} + B_{i mod r, j}``); see
+            ``"random"`` (Gaussian factors redrawn every ``resample_every`` steps),
+            ``"additive"`` (``ΔW_ij = A_{i, j mod r} + B_{i mod r, j}``) or ``"svd"``
+            (GaLore-style, :mod:`lora_optim.projections.svd`); see
             :func:`lora_optim.available_projections`.
         betas: Adam's ``(β1, β2)``, each in ``[0, 1)``.
         eps: added to ``√v̂``; a finite number > 0.
@@ -109,9 +111,14 @@ class LoRAAdam(torch.optim.Optimizer):
             anything changes.
         drift_probes: number of random probe vectors of the drift check (:mod:`lora_optim.drift`,
             :meth:`drift`); ``0`` (default) turns it off at no cost.
-        **projection_options: options of the projections, e.g. ``init="symmetric"`` (``lora``),
-            ``resample_every=1`` and ``moment_rule="keep"`` (``random``). An option must belong
-            to the projection of at least one group.
+        preserve_sparsity: keep every zero of each low-rank weight exactly zero (LoRS): train
+            ``W = W₀ + s·ΔW ⊙ [W₀ ≠ 0]``, with the mask stored packed, 1 bit per weight
+            (:mod:`lora_optim.sparsity`). Densely trained parameters (vectors, ``rank=None``
+            groups) are not masked: plain AdamW moves their zeros.
+        **projection_options: options of the projections, e.g. ``init="symmetric"``,
+            ``"pissa"``, ``"minor"`` or ``"gradient"`` and ``svd_niter`` (``lora``),
+            ``resample_every=1`` and ``moment_rule="keep"`` (``random``), ``refresh_every``
+            (``svd``). An option must belong to the projection of at least one group.
 
     Values are normalised when validated (NumPy scalars become ``int``/``float``), so the
     optimizer state always loads with ``torch.load(..., weights_only=True)``.
@@ -145,12 +152,13 @@ class LoRAAdam(torch.optim.Optimizer):
         precision: str | None = None,
         nonfinite: str = "skip",
         drift_probes: int = 0,
+        preserve_sparsity: bool = False,
         **projection_options: Any,
     ) -> None:
         check_option_names(projection_options, where="LoRAAdam")
         common = dict(lr=lr, rank=rank, alpha=alpha, projection=projection, betas=betas, eps=eps,
                       weight_decay=weight_decay, seed=seed, precision=precision, nonfinite=nonfinite,
-                      drift_probes=drift_probes)
+                      drift_probes=drift_probes, preserve_sparsity=preserve_sparsity)
         common = {name: COMMON_OPTIONS[name].validate(value) for name, value in common.items()}
         declared = registered_projection_options()
         projection_options = {name: declared[name][0].validate(value) for name, value in projection_options.items()}
@@ -300,6 +308,8 @@ class LoRAAdam(torch.optim.Optimizer):
                 weight = as_matrix(whole.detach())
                 fresh.update(projection.init_state(weight, rank, seed, dtype, group))
                 fresh.update(get_writer(self._precision(p, group)).init_state(weight, seed))
+                if group["preserve_sparsity"]:  # the mask M = [W0 != 0] (lora_optim.sparsity)
+                    fresh.update(init_sparsity_state(weight))
                 if group["drift_probes"]:
                     fresh.update(init_drift_state(weight, group["drift_probes"], seed))
                 if shard is not None:
@@ -318,6 +328,9 @@ class LoRAAdam(torch.optim.Optimizer):
         if group.get("moment_rule") == "transport":
             raise ValueError(f"{self._name(p)} is sharded by rows (FSDP2): moment_rule='transport' needs sums over "
                              "the rows of A at every redraw; use 'keep' or 'reset'")
+        if group.get("init") == "gradient":
+            raise ValueError(f"{self._name(p)} is sharded by rows (FSDP2): init='gradient' needs the SVD of the whole "
+                             "first gradient, which no rank holds; use another init")
 
     @staticmethod
     def _precision(p: Tensor, group: Mapping[str, Any]) -> str:

@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from lora_optim.nonfinite import NONFINITE_POLICIES
-from lora_optim.options import Option, beta_pair, choice, integer, learning_rate, optional, real
+from lora_optim.options import Option, beta_pair, boolean, choice, integer, learning_rate, optional, real
 from lora_optim.precision import available_writers
 from lora_optim.projections import available_projections, get_projection, projection_options
 
@@ -38,6 +38,9 @@ COMMON_OPTIONS: Mapping[str, Option] = {
                doc="write mode into W; None picks one by the weight's dtype"),
         Option("nonfinite", "skip", choice(NONFINITE_POLICIES), doc="what a NaN/Inf gradient does"),
         Option("drift_probes", 0, integer(0), structural=True, doc="probe vectors of the drift check (0: off)"),
+        # issue 11 (lora_optim.sparsity): keep every zero of W exactly zero (a stored mask in the state).
+        Option("preserve_sparsity", False, boolean, structural=True,
+               doc="keep the zeros of W exactly zero: W = W0 + s·ΔW ⊙ [W0 != 0] (LoRS)"),
     )
 }
 

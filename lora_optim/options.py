@@ -31,6 +31,7 @@ __all__ = [
     "optional",
     "learning_rate",
     "beta_pair",
+    "boolean",
 ]
 
 #: ``check(name, value) -> normalised value``; raises ``ValueError``/``TypeError`` naming the option.
@@ -141,3 +142,10 @@ def beta_pair(name: str, value: Any) -> tuple[float, float]:
         if not _is_real(beta) or not 0.0 <= float(beta) < 1.0:
             raise ValueError(f"Invalid beta parameter at index {index} ({name}={value!r}): {beta!r}; must be in [0, 1)")
     return float(value[0]), float(value[1])
+
+
+def boolean(name: str, value: Any) -> bool:
+    """``True`` or ``False`` (a ``bool``, or a NumPy bool: anything else raises)."""
+    if isinstance(value, bool) or (type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_")):
+        return bool(value)
+    raise ValueError(f"Invalid {name}: {value!r}; must be True or False")

@@ -12,7 +12,8 @@ Dense parameters (``rank=None`` groups, vectors):
 Low-rank parameters:
     :data:`RANK`, :data:`SEED` (ints), the moments of each factor (:data:`MOMENT_KEYS`), the
     factors :data:`FACTOR_A`, :data:`FACTOR_B` where the projection stores them, the
-    projection's own keys (e.g. :data:`DRAWS`, :data:`AGE` for ``random``), the write mode's keys
+    projection's own keys (e.g. :data:`DRAWS`, :data:`AGE` for ``random``), the sparsity mask
+    (:data:`SPARSITY_MASK`, groups with ``preserve_sparsity=True``), the write mode's keys
     (:data:`WEIGHT_COMPENSATION`, :data:`ROUNDING_SEED`, :data:`ROUNDING_DRAWS`), the drift
     probe (:data:`DRIFT_KEYS`) and, between a backward and ``step()`` in the per-layer and
     activation-side modes, the projected-gradient sums (:data:`ACCUMULATOR_KEYS`).
@@ -36,6 +37,9 @@ __all__ = [
     "MOMENT_KEYS",
     "DRAWS",
     "AGE",
+    "GRADIENT_INIT_PENDING",
+    "REFRESHES",
+    "SPARSITY_MASK",
     "WEIGHT_COMPENSATION",
     "ROUNDING_SEED",
     "ROUNDING_DRAWS",
@@ -72,6 +76,15 @@ MOMENT_KEYS = {"A": (EXP_AVG_A, EXP_AVG_SQ_A), "B": (EXP_AVG_B, EXP_AVG_SQ_B)}
 #: ``random``: draws made so far, and steps taken on the current draw (ints).
 DRAWS, AGE = "draws", "age"
 
+# --- inits, svd projection and sparsity (issue 11) ---
+#: ``lora`` with ``init="gradient"``: ``1`` until the first step has taken the factors from ``G`` (int).
+GRADIENT_INIT_PENDING = "gradient_init_pending"
+#: ``svd``: the number of basis refreshes made (int); the steps taken on the current basis are :data:`AGE`.
+REFRESHES = "refreshes"
+#: ``preserve_sparsity=True``: the mask ``M = [W₀ ≠ 0]`` packed 8 columns per byte (uint8, ``out×⌈in/8⌉``).
+SPARSITY_MASK = "sparsity_mask"
+# --- end issue 11 ---
+
 #: ``compensated`` writes: the Kahan buffer (``W``'s shape and dtype).
 WEIGHT_COMPENSATION = "weight_compensation"
 #: ``stochastic`` writes: the rounding stream's int seed and the number of writes so far.
@@ -90,7 +103,7 @@ ACCUMULATOR_KEYS = (ACCUMULATED_GRAD_A, ACCUMULATED_GRAD_B, ACCUMULATION)
 #: Keys of tensors with one row per row of ``W``: sharded with ``W`` when it is sharded by rows
 #: (FSDP2); a projection adds its own in ``Projection.row_sharded_keys``.
 ROW_SHARDED_KEYS = (FACTOR_A, EXP_AVG_A, EXP_AVG_SQ_A, WEIGHT_COMPENSATION, DRIFT_REFERENCE, DRIFT_CHANGE,
-                    ACCUMULATED_GRAD_A)
+                    ACCUMULATED_GRAD_A, SPARSITY_MASK)
 
 #: Not stored: on a row-sharded weight the engine shows projections this rank's view of the
 #: state, with the global index of its first row and the weight's global row count (ints).

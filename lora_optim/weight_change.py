@@ -25,9 +25,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from lora_optim.kernels.blocks import row_blocks
 from lora_optim.projections.base import FactorChange, Projection
+from lora_optim.sparsity import unpack_mask
 
-__all__ = ["WeightDelta"]
+__all__ = ["WeightDelta", "MaskedWeightDelta"]
 
 
 class WeightDelta:
@@ -54,3 +56,29 @@ class WeightDelta:
         """Add rows ``row_start : row_start + len(target)`` of ``s·ΔW`` into ``target`` (compute
         dtype, or lower precision: then rounded to nearest once per element)."""
         self.projection.add_delta_(target, self.change, self.scale, row_start)
+
+
+class MaskedWeightDelta(WeightDelta):
+    """``(s·(Δ(A', B') − Δ(A, B))) ⊙ M``: the change of a ``preserve_sparsity=True`` parameter
+    (:mod:`lora_optim.sparsity`), with ``M`` its packed mask (uint8 ``out×⌈in/8⌉``).
+
+    ``add_to_`` adds exactly ``0`` where ``M`` is false, so every write mode keeps those entries
+    of ``W`` (and of its own buffers) as they are. The change is formed one block of rows at a
+    time (:func:`~lora_optim.kernels.blocks.row_blocks`) in the compute dtype, masked, and added
+    into ``target`` (rounded once per element into a lower precision).
+    """
+
+    __slots__ = ("mask",)
+
+    def __init__(self, projection: Projection, change: FactorChange, scale: float, mask: Tensor) -> None:
+        super().__init__(projection, change, scale)
+        self.mask = mask
+
+    def add_to_(self, target: Tensor, row_start: int = 0) -> None:
+        """Add rows ``row_start : row_start + len(target)`` of ``(s·ΔW) ⊙ M`` into ``target``."""
+        rows, cols = target.shape
+        for start, stop in row_blocks(rows, cols, self.compute_dtype, target.device):
+            block = torch.zeros(stop - start, cols, dtype=self.compute_dtype, device=target.device)
+            self.projection.add_delta_(block, self.change, self.scale, row_start + start)
+            block.mul_(unpack_mask(self.mask[row_start + start : row_start + stop], cols))
+            target[start:stop].add_(block)

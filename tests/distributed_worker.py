@@ -30,6 +30,7 @@ CASES = {
     "additive": dict(projection="additive"),
     "lora-compensated": dict(projection="lora", precision="compensated"),
     "lora-stochastic": dict(projection="lora", precision="stochastic"),
+    "lora-sparse": dict(projection="lora", preserve_sparsity=True),
 }
 STEPS = 4
 DCP_CASES = ["lora", "random", "additive", "lora-compensated"]
@@ -47,9 +48,14 @@ class Net(nn.Module):
 
 
 def make_model() -> Net:
+    """The model, with a third of each weight's entries exactly zero (for ``preserve_sparsity``)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        return Net().double()
+        model = Net().double()
+    with torch.no_grad():
+        for layer in (model.fc1, model.fc2, model.fc3):
+            layer.weight[:, ::3] = 0
+    return model
 
 
 def batches(count: int = STEPS + 4, rows: int = 8) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -112,7 +112,9 @@ def test_fsdp2_equals_one_process(fsdp, case):
     for name, p in model.named_parameters():
         for key, value in reference.state[p].items():
             got = ours[name][key]
-            if key == "weight_compensation":  # rounding residues (~1e-17): compare to the weights' size
+            if isinstance(value, torch.Tensor) and not value.is_floating_point():  # the packed sparsity mask
+                assert torch.equal(got, value), (name, key)
+            elif key == "weight_compensation":  # rounding residues (~1e-17): compare to the weights' size
                 assert (got - value).abs().max() <= TOL * p.detach().abs().max(), (name, key)
             elif isinstance(value, torch.Tensor):
                 assert got.shape == value.shape and _rel(got, value) <= TOL or (value.norm() == 0 and got.norm() == 0), (
@@ -154,6 +156,16 @@ def test_fsdp2_shards_the_row_state_and_replicates_the_rest(fsdp, case):
         for key in ("exp_avg_B", "exp_avg_sq_B", "B"):
             if key in states[0]:
                 assert all(state[key + ":local_numel"] == states[0][key].numel() for state in states), (name, key)
+
+
+def test_fsdp2_keeps_zeros_with_preserve_sparsity(fsdp):
+    """The packed mask is sharded like W: every zero stays exactly zero on every rank."""
+    model = worker.make_model()
+    zeros = torch.cat([(p.detach() == 0).reshape(-1) for p in model.parameters()])
+    for result in fsdp:
+        final = result["lora-sparse"]["trajectory"][-1]
+        assert (final[zeros] == 0).all()
+        assert (result["lora"]["trajectory"][-1][zeros] != 0).any()  # without the option, zeros move
 
 
 def test_fsdp2_refuses_what_has_no_sharded_form(fsdp):

@@ -86,7 +86,7 @@ def test_set_factors_when_a_redraw_is_due_is_kept():
 
 
 def test_structural_options_are_marked_in_the_table():
-    assert set(STRUCTURAL_OPTIONS) == {"rank", "projection", "precision", "drift_probes"}
+    assert set(STRUCTURAL_OPTIONS) == {"rank", "projection", "precision", "drift_probes", "preserve_sparsity"}
     assert all(option.doc for option in COMMON_OPTIONS.values())
 
 

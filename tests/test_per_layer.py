@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from grad_modes import (
+    MODE_PROJECTIONS,
     PROJECTION_CASES,
     PROJECTION_IDS,
     TOL,
@@ -21,7 +22,7 @@ from grad_modes import (
     train,
     twin_runs,
 )
-from lora_optim import PerLayerStep, available_projections
+from lora_optim import PerLayerStep
 from lora_optim.state_keys import ACCUMULATOR_KEYS
 
 
@@ -32,8 +33,8 @@ def _assert_same_trajectory(expected, got):
 
 
 # Every case with accumulation over 3 micro-batches; the registered defaults also without.
-CASES = [(*case, 3) for case in PROJECTION_CASES] + [(name, {}, 1) for name in available_projections()]
-CASE_IDS = [f"{case_id}-micro3" for case_id in PROJECTION_IDS] + [f"{name}-micro1" for name in available_projections()]
+CASES = [(*case, 3) for case in PROJECTION_CASES] + [(name, {}, 1) for name in MODE_PROJECTIONS]
+CASE_IDS = [f"{case_id}-micro3" for case_id in PROJECTION_IDS] + [f"{name}-micro1" for name in MODE_PROJECTIONS]
 
 
 @pytest.mark.parametrize("projection,options,micro_batches", CASES, ids=CASE_IDS)

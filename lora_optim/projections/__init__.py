@@ -8,7 +8,7 @@ changes.
 
 from __future__ import annotations
 
-from lora_optim.projections import additive, lora, random  # noqa: F401  (the built-ins register themselves)
+from lora_optim.projections import additive, lora, random, svd  # noqa: F401  (the built-ins register themselves)
 from lora_optim.projections.base import FactorChange, FactorState, Projection
 from lora_optim.projections.registry import (
     available_projections,

@@ -19,14 +19,43 @@ products of size ``W``), with ``A'`` and ``dA`` as the engine hands them over
 (:class:`~lora_optim.projections.FactorChange`). Trained with Adam on ``A`` and ``B`` this is the same training as PEFT's
 LoRA with AdamW on ``lora_B`` (our ``A``) and ``lora_A`` (our ``B``).
 
-Inits (option ``init``):
+Inits (option ``init``). ``W`` is never changed by an init: only the changes ``s·(A'B' − AB)``
+are ever written, so training starts at ``W`` whatever ``A0·B0`` is (``W = W_res + s·A·B`` with
+the residual ``W_res = W − s·A0·B0`` kept implicitly):
 
 * ``"peft"`` (default): ``A = 0`` and ``B ~ U(−1/√in, 1/√in)``, i.e. PEFT's
   ``kaiming_uniform_(a=√5)`` over the ``in`` dimension, so ``A·B = 0`` at the start.
-* ``"symmetric"``: both factors non-zero, ``A ~ U(−1/√r, 1/√r)`` and ``B`` as above; ``W`` is
-  not changed because only the change ``A'B' − AB`` is ever written (``W = W0 − A0B0 + AB``).
+* ``"symmetric"``: both factors non-zero, ``A ~ U(−1/√r, 1/√r)`` and ``B`` as above.
+* ``"pissa"`` (PiSSA, Meng, Wang and Zhang 2024): the principal singular triplets of ``W``,
+  ``W ≈ U_r S_r V_rᵀ``, with the scale folded in as PEFT's ``init_lora_weights="pissa"`` does,
 
-Draws come from the parameter's int seed, never from torch's global RNG.
+  .. math::
+
+      A_0 = U_r\\,(S_r/s)^{1/2}, \\qquad B_0 = (S_r/s)^{1/2}\\,V_r^\\top, \\qquad
+      s\\,A_0 B_0 = U_r S_r V_r^\\top,
+
+  so ``s·A0·B0`` is the best rank-``r`` approximation of ``W`` (Eckart–Young) and training
+  adapts the principal part while the residual stays frozen. The triplets come from
+  :func:`~lora_optim.truncated_svd.top_singular` with ``niter=svd_niter``: an int runs the
+  seeded randomized SVD of ``torch.svd_lowrank`` (PiSSA's fast SVD, PEFT's
+  ``"pissa_niter_<n>"``), ``None`` the exact ``torch.linalg.svd`` (PEFT's ``"pissa"``).
+* ``"minor"`` (MiLoRA, Wang et al. 2024): the same formula with the ``r`` *smallest* singular
+  triplets (exact SVD always): training adapts the minor components.
+* ``"gradient"`` (LoRS, Hu et al. 2024, its gradient-based init): ``A0 = 0`` and ``B0 = V_rᵀ``,
+  the top-``r`` right singular vectors of the first gradient ``G`` the optimizer receives (the
+  masked ``G ⊙ M`` with ``preserve_sparsity=True``), which minimises ``‖G − G·B0ᵀ·B0‖`` over
+  ``B0`` with orthonormal rows. No extra forward or backward pass is made: the first
+  ``step()`` computes the factors from its own ``G`` and then steps with them, so the first step
+  already moves ``W``: ``g_B = s·A0ᵀG = 0`` leaves ``B`` at ``B0`` and ``g_A = s·G·B0ᵀ =
+  s·U_r S_r``, so ``W₁ − W₀ = s·dA·B0`` lies in the span of ``G``'s top right singular vectors
+  (Adam's first step makes ``dA ≈ −lr·sign(U_r S_r)``). Singular vectors do not depend on a
+  positive scale of ``G``, so a ``GradScaler``'s scaled gradient gives the same init. The
+  full gradient of a step never exists in the per-layer and activation-side modes, so there
+  the first step raises ``ValueError``; a step skipped for a NaN/Inf gradient leaves the init
+  to the next step. Until the first step, ``get_factors`` returns zeros.
+
+Draws (random inits, the randomized SVD) come from the parameter's int seed, never from torch's
+global RNG.
 """
 
 from __future__ import annotations
@@ -39,16 +68,97 @@ from torch import Tensor
 
 from lora_optim.kernels import native_kernels
 from lora_optim.kernels.blocks import row_blocks
-from lora_optim.options import Option, choice
+from lora_optim.options import Option, choice, integer, optional
 from lora_optim.projections.registry import register_projection
 from lora_optim.projections.base import FactorChange, FactorState, Projection
 from lora_optim.seeding import derive_seed, kaiming_uniform_bound, uniform
-from lora_optim.state_keys import FACTOR_A, FACTOR_B
+from lora_optim.state_keys import FACTOR_A, FACTOR_B, GRADIENT_INIT_PENDING, SEED
+from lora_optim.truncated_svd import DEFAULT_NITER, bottom_singular, top_singular
 
-__all__ = ["LoRAProjection", "LORA_INITS", "lowrank_project", "lowrank_project_activations", "lowrank_add_delta_"]
+__all__ = [
+    "LoRAProjection",
+    "LORA_INITS",
+    "SVD_NITER_OPTION",
+    "lowrank_project",
+    "lowrank_project_activations",
+    "lowrank_add_delta_",
+    "singular_factors",
+    "gradient_init_factors",
+    "group_scale",
+]
 
 #: Values of the ``init`` option of ``lora``.
-LORA_INITS = ("peft", "symmetric")
+LORA_INITS = ("peft", "symmetric", "pissa", "minor", "gradient")
+
+#: The ``svd_niter`` option (shared with the ``svd`` projection): subspace iterations of the
+#: randomized SVD, or ``None`` for the exact SVD.
+SVD_NITER_OPTION = Option(
+    "svd_niter", DEFAULT_NITER, optional(integer(0)),
+    doc="subspace iterations of the randomized SVD (None: exact torch.linalg.svd)",
+)
+
+# Stream tags that separate the SVD draws from the factor draws of the same parameter.
+_PISSA_STREAM = 0x5053  # "PS"
+_GRADIENT_STREAM = 0x4749  # "GI"
+
+
+def group_scale(group: Mapping[str, Any]) -> float:
+    """``s = alpha / rank`` of a param group (``alpha=None`` means ``s = 1``), with the configured
+    ``rank`` as :class:`~lora_optim.LoRAAdam` uses it."""
+    alpha = group["alpha"] if group["alpha"] is not None else group["rank"]
+    return float(alpha) / group["rank"]
+
+
+def _finite(matrix: Tensor) -> Tensor:
+    # An SVD of a matrix with NaN/Inf raises or returns garbage; the step that brought such a G
+    # is skipped by the engine's check anyway, so its factors only need to be finite.
+    return torch.nan_to_num(matrix, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def singular_factors(
+    weight: Tensor, rank: int, scale: float, *, which: str = "top", niter: int | None = DEFAULT_NITER,
+    seed: int = 0, dtype: torch.dtype | None = None,
+) -> tuple[Tensor, Tensor]:
+    """PiSSA's factors ``A = U_r (S_r/s)^½`` (``out×r``), ``B = (S_r/s)^½ V_rᵀ`` (``r×in``) of the
+    ``out×in`` matrix ``weight``, so that ``s·A·B = U_r S_r V_rᵀ``.
+
+    ``which="top"``: the principal triplets (``init="pissa"``), by
+    :func:`~lora_optim.truncated_svd.top_singular` with ``niter`` and the int ``seed``;
+    ``which="bottom"``: the minor ones (``init="minor"``, exact SVD). The SVD runs in ``dtype``
+    (default: ``weight``'s, widened to fp32 for bf16/fp16) and the factors are returned in it.
+    """
+    if which not in ("top", "bottom"):
+        raise ValueError(f"which must be 'top' or 'bottom', got {which!r}")
+    if scale <= 0:
+        raise ValueError(f"scale must be > 0, got {scale!r}")
+    if dtype is None:
+        dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
+    matrix = _finite(weight.detach().to(dtype))
+    if which == "top":
+        U, S, V = top_singular(matrix, rank, niter=niter, seed=seed)
+    else:
+        U, S, V = bottom_singular(matrix, rank)
+    root = (S / scale).sqrt()
+    # contiguous: LAPACK returns column-major U and V, and the fused Adam kernel needs row-major factors
+    return (U * root).contiguous(), (V * root).mH.contiguous()
+
+
+def gradient_init_factors(
+    grad: Tensor, rank: int, *, niter: int | None = DEFAULT_NITER, seed: int = 0, dtype: torch.dtype | None = None,
+) -> tuple[Tensor, Tensor]:
+    """LoRS's gradient init: ``A0 = 0`` (``out×r``) and ``B0 = V_rᵀ`` (``r×in``), the top-``r``
+    right singular vectors of ``G`` (orthonormal rows), the minimiser of ``‖G − G·B0ᵀ·B0‖_F``.
+
+    ``grad`` is the ``out×in`` gradient (any float dtype; NaN/Inf entries are read as 0). The
+    SVD runs in ``dtype`` (default: ``grad``'s, widened to fp32 for bf16/fp16) by
+    :func:`~lora_optim.truncated_svd.top_singular` with ``niter`` and the int ``seed``.
+    """
+    if dtype is None:
+        dtype = grad.dtype if grad.dtype in (torch.float32, torch.float64) else torch.float32
+    matrix = _finite(grad.detach().to(dtype))
+    _, _, V = top_singular(matrix, rank, niter=niter, seed=seed)
+    A = torch.zeros(grad.shape[0], rank, dtype=dtype, device=grad.device)
+    return A, V.mH.contiguous()
 
 
 def lowrank_project(grad: Tensor, A: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
@@ -124,11 +234,18 @@ def _check_init(name: str, value: Any) -> str:
 class LoRAProjection(Projection):
     """Persistent factors ``A`` (out×r) and ``B`` (r×in), trained like graph LoRA.
 
-    State: ``A``, ``B`` (factor dtype). Options: ``init`` in ``("peft", "symmetric")``.
+    State: ``A``, ``B`` (factor dtype); ``gradient_init_pending`` (int) with ``init="gradient"``
+    until the first step. Options: ``init`` in ``("peft", "symmetric", "pissa", "minor",
+    "gradient")`` and ``svd_niter`` (the SVD of ``"pissa"`` and ``"gradient"``; see the module
+    docstring).
     """
 
     name = "lora"
-    options = (Option("init", "peft", _check_init, doc="factor init: 'peft' (A = 0) or 'symmetric'"),)
+    options = (
+        Option("init", "peft", _check_init,
+               doc="factor init: 'peft' (A = 0), 'symmetric', 'pissa', 'minor' or 'gradient'"),
+        SVD_NITER_OPTION,
+    )
     accepts_low_precision_grad = True
     supports_row_sharding = True  # G·Bᵀ is row-local; Aᵀ·G of a row shard is a partial sum
 
@@ -138,9 +255,19 @@ class LoRAProjection(Projection):
         """Factors from the ``init`` option; see the module docstring."""
         out_features, in_features = weight.shape
         device = weight.device
+        init = group["init"]
+        if init in ("pissa", "minor"):
+            A, B = singular_factors(weight, rank, group_scale(group), which="top" if init == "pissa" else "bottom",
+                                    niter=group["svd_niter"], seed=derive_seed(seed, _PISSA_STREAM),
+                                    dtype=factor_dtype)
+            return {FACTOR_A: A, FACTOR_B: B}
+        if init == "gradient":  # filled from the first G by step_factors / begin_step
+            return {FACTOR_A: torch.zeros(out_features, rank, dtype=factor_dtype, device=device),
+                    FACTOR_B: torch.zeros(rank, in_features, dtype=factor_dtype, device=device),
+                    GRADIENT_INIT_PENDING: 1}
         B = uniform((rank, in_features), kaiming_uniform_bound(in_features), derive_seed(seed, 0),
                     dtype=factor_dtype, device=device)
-        if group["init"] == "symmetric":
+        if init == "symmetric":
             A = uniform((out_features, rank), kaiming_uniform_bound(rank), derive_seed(seed, 1),
                         dtype=factor_dtype, device=device)
         else:
@@ -148,8 +275,44 @@ class LoRAProjection(Projection):
         return {FACTOR_A: A, FACTOR_B: B}
 
     def current_factors(self, state: FactorState, group: Mapping[str, Any]) -> tuple[Tensor, Tensor]:
-        """The stored ``(A, B)``."""
+        """The stored ``(A, B)`` (zeros before the first step of ``init="gradient"``)."""
         return state[FACTOR_A], state[FACTOR_B]
+
+    def step_factors(
+        self, state: FactorState, group: Mapping[str, Any], grad: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """The stored factors; at the first step of ``init="gradient"``, the factors of
+        :func:`gradient_init_factors` of ``grad`` (pure: recomputed, not stored, until
+        :meth:`begin_step`). Raises ``ValueError`` there when ``grad`` is ``None`` (the
+        per-layer and activation-side modes)."""
+        if not state.get(GRADIENT_INIT_PENDING):
+            return state[FACTOR_A], state[FACTOR_B]
+        if grad is None:
+            raise ValueError(
+                "init='gradient' takes the factors from the first full gradient G, which the per-layer and "
+                "activation-side modes never form (they project G piece by piece with factors fixed beforehand). "
+                "Take the first step in the plain mode (loss.backward(); opt.step()) and enable the mode after it, "
+                "or use another init"
+            )
+        A = state[FACTOR_A]
+        return gradient_init_factors(grad, A.shape[1], niter=group["svd_niter"],
+                                     seed=derive_seed(state[SEED], _GRADIENT_STREAM), dtype=A.dtype)
+
+    def begin_step(
+        self, state: FactorState, group: Mapping[str, Any], A: Tensor, B: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """Store the factors of a gradient init (first step of ``init="gradient"``); return the
+        stored factors."""
+        if state.pop(GRADIENT_INIT_PENDING, 0):
+            state[FACTOR_A].copy_(A)
+            state[FACTOR_B].copy_(B)
+            return state[FACTOR_A], state[FACTOR_B]
+        return A, B
+
+    def set_factors_(self, state: FactorState, A: Tensor, B: Tensor, group: Mapping[str, Any]) -> None:
+        """Replace the stored factors (a pending gradient init is dropped: the set factors are used)."""
+        state.pop(GRADIENT_INIT_PENDING, None)
+        super().set_factors_(state, A, B, group)
 
     def project(self, grad: Tensor, A: Tensor, B: Tensor, *, row_offset: int = 0) -> tuple[Tensor, Tensor]:
         """``(G·Bᵀ, Aᵀ·G)``; ``grad`` may be of lower precision than the factors. On a row shard
