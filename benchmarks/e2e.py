@@ -8,8 +8,8 @@ full AdamW, which trains all parameters):
 * ``peft_lora``: HF PEFT LoRA (``lora_dropout=0``) on the encoder, fused AdamW on the adapters
   and the head.
 * ``lora_optim_plain``: :class:`lora_optim.LoRAAdam` from full gradients ``G`` (the plain mode).
-* ``lora_optim_per_layer``: the same with ``opt.enable_per_layer()``: each weight steps in
-  backward and its ``G`` is freed at once.
+* ``lora_optim_per_layer``: the same with ``opt.enable_per_layer()``: each weight's ``G`` is
+  projected in backward and freed at once; the step happens in ``step()``.
 * ``lora_optim_activation``: the same with ``opt.attach(model)``: factor gradients from the
   layers' inputs and output gradients, ``G`` never formed.
 

@@ -26,12 +26,7 @@ def _enable(mode: str, opt: LoRAAdam, model: nn.Module):
     return opt.enable_per_layer() if mode == "per_layer" else opt.attach(model)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: thread hand-offs only cost time
 
 
 # ------------------------------------------------------------------ 1. in-place changes of a layer's output

@@ -34,13 +34,7 @@ CONFIGS = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One thread: tiny models, where thread hand-offs only cost time (a lot, on a loaded machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: thread hand-offs only cost time
 
 
 def _snapshot(opt: LoRAAdam, params) -> dict:

@@ -21,13 +21,7 @@ from lora_optim.precision import default_precision, get_writer, stochastic_round
 LOW_PRECISION = [torch.bfloat16, torch.float16]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One thread: these tests are many small steps, which thread hand-offs only slow down."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: thread hand-offs only cost time
 
 
 def _neighbours(value: float, dtype: torch.dtype) -> tuple[float, float]:

@@ -25,13 +25,7 @@ from lora_optim import LoRAAdam, available_projections, available_writers
 from resume_worker import CHECKPOINT_AT, CONFIGS, TOTAL_STEPS, batches, build, snapshot, train
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One thread: tiny models, where thread hand-offs only cost time (a lot, on a loaded machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: thread hand-offs only cost time
 
 
 def _assert_identical(expected: dict, got: dict, name: str) -> None:

@@ -82,6 +82,7 @@ __all__ = [
     "lowrank_project",
     "lowrank_project_activations",
     "lowrank_add_delta_",
+    "add_product_",
     "singular_factors",
     "gradient_init_factors",
     "group_scale",
@@ -214,8 +215,17 @@ def lowrank_add_delta_(target: Tensor, change: FactorChange, scale: float, row_s
     A_new, dA = change.A_new, change.dA
     if row_start != 0 or target.shape[0] != A_new.shape[0]:
         A_new, dA = A_new[row_start : row_start + target.shape[0]], dA[row_start : row_start + target.shape[0]]
-    left = torch.cat((A_new, dA), dim=1)
-    right = torch.cat((change.dB, change.B), dim=0)
+    add_product_(target, torch.cat((A_new, dA), dim=1), torch.cat((change.dB, change.B), dim=0), scale)
+
+
+def add_product_(target: Tensor, left: Tensor, right: Tensor, scale: float) -> None:
+    """``target += scale·left·right`` in place, for a thin ``left`` (``n×k``) and ``right`` (``k×m``).
+
+    ``target`` may have ``left``'s dtype or a lower precision (a bf16 ``W``); then each element is
+    rounded to nearest once. On the CPU one pass reads and writes each element of ``target`` once
+    with no temporary (:mod:`lora_optim.kernels`); elsewhere one ``addmm_`` (same dtype) or one
+    GEMM into a temporary of ``target``'s size (lower precision).
+    """
     kernels = native_kernels()
     if kernels is not None and kernels.supports(target, left.dtype):
         kernels.add_lowrank_(target, left, right, scale)

@@ -59,12 +59,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lora_optim.kernels import native_kernels
 from lora_optim.moment_rules import MOMENT_RULES, apply_moment_rule_
 from lora_optim.options import Option, choice, integer
 from lora_optim.projections.registry import register_projection
 from lora_optim.projections.base import FactorChange, FactorState, Projection
-from lora_optim.projections.lora import SVD_NITER_OPTION
+from lora_optim.projections.lora import SVD_NITER_OPTION, add_product_
 from lora_optim.seeding import derive_seed
 from lora_optim.state_keys import AGE, FACTOR_A, FACTOR_B, REFRESHES, SEED
 from lora_optim.truncated_svd import top_singular
@@ -91,18 +90,6 @@ def subspace_basis(grad: Tensor, rank: int, side: int, *, niter: int | None, see
     matrix = torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)
     U, _, V = top_singular(matrix, rank, niter=niter, seed=seed)
     return U.contiguous() if side == LEFT else V.mH.contiguous()
-
-
-def _add_product_(target: Tensor, left: Tensor, right: Tensor, scale: float) -> None:
-    """``target += scale·left·right``, rounded once per element into a lower-precision target."""
-    kernels = native_kernels()
-    if kernels is not None and kernels.supports(target, left.dtype):
-        kernels.add_lowrank_(target, left, right, scale)
-        torch.autograd.graph.increment_version(target)  # as an in-place torch op would
-    elif target.dtype == left.dtype:
-        target.addmm_(left, right, alpha=scale)
-    else:
-        target.add_(torch.mm(left, right), alpha=scale)
 
 
 @register_projection
@@ -214,9 +201,9 @@ class SVDProjection(Projection):
         product of inner size ``r``, for the rows ``row_start : row_start + len(target)``."""
         rows = slice(row_start, row_start + target.shape[0])
         if side_of(change.A.shape[0], change.B.shape[1]) == LEFT:
-            _add_product_(target, change.A[rows], change.dB, scale)
+            add_product_(target, change.A[rows], change.dB, scale)
         else:
-            _add_product_(target, change.dA[rows], change.B, scale)
+            add_product_(target, change.dA[rows], change.B, scale)
 
     def probe_delta(self, change: FactorChange, scale: float, probes: Tensor) -> Tensor:
         """``s·(A'(B'X) − A(BX))`` in fp64 with the stored factors."""
