@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from lora_optim.nonfinite import NONFINITE_POLICIES
-from lora_optim.options import Option, beta_pair, choice, integer, learning_rate, optional, real
+from lora_optim.options import Option, beta_pair, boolean, choice, integer, learning_rate, optional, real
 from lora_optim.precision import available_writers
 from lora_optim.projections import available_projections, get_projection, projection_options
 
@@ -38,6 +38,14 @@ COMMON_OPTIONS: Mapping[str, Option] = {
                doc="write mode into W; None picks one by the weight's dtype"),
         Option("nonfinite", "skip", choice(NONFINITE_POLICIES), doc="what a NaN/Inf gradient does"),
         Option("drift_probes", 0, integer(0), structural=True, doc="probe vectors of the drift check (0: off)"),
+        # --- interop with PEFT (lora_optim.interop, docs/interop.md) ---
+        Option("max_grad_norm", None, optional(real(0.0, inclusive=False)),
+               doc="clip the factor and dense gradients of the groups that set it to this total norm"),
+        Option("loraplus_lr_ratio", 1.0, real(0.0, inclusive=False),
+               doc="LoRA+: lr of A (PEFT's lora_B) = lr x ratio; B and dense parameters keep lr"),
+        Option("use_rslora", False, boolean, doc="rsLoRA scaling: s = alpha / sqrt(rank) instead of alpha / rank"),
+        Option("keep_initial_factors", False, boolean,
+               doc="keep copies of initial factors whose product is non-zero (exact export and unmerge)"),
     )
 }
 

@@ -29,6 +29,7 @@ __all__ = [
     "real",
     "choice",
     "optional",
+    "boolean",
     "learning_rate",
     "beta_pair",
 ]
@@ -118,6 +119,13 @@ def optional(inner: Check) -> Check:
         return None if value is None else inner(name, value)
 
     return check
+
+
+def boolean(name: str, value: Any) -> bool:
+    """``True`` or ``False`` (a ``bool``, or a NumPy bool; numbers are refused, as a typo guard)."""
+    if isinstance(value, bool) or type(value).__name__ == "bool_":
+        return bool(value)
+    raise ValueError(f"Invalid {name}: {value!r}; must be True or False")
 
 
 def learning_rate(name: str, value: Any) -> float | Tensor:

@@ -14,8 +14,9 @@ Low-rank parameters:
     factors :data:`FACTOR_A`, :data:`FACTOR_B` where the projection stores them, the
     projection's own keys (e.g. :data:`DRAWS`, :data:`AGE` for ``random``), the write mode's keys
     (:data:`WEIGHT_COMPENSATION`, :data:`ROUNDING_SEED`, :data:`ROUNDING_DRAWS`), the drift
-    probe (:data:`DRIFT_KEYS`) and, between a backward and ``step()`` in the per-layer and
-    activation-side modes, the projected-gradient sums (:data:`ACCUMULATOR_KEYS`).
+    probe (:data:`DRIFT_KEYS`), the record of the initial factors (:data:`INITIAL_KEYS`) and,
+    between a backward and ``step()`` in the per-layer and activation-side modes, the
+    projected-gradient sums (:data:`ACCUMULATOR_KEYS`).
 """
 
 from __future__ import annotations
@@ -47,6 +48,10 @@ __all__ = [
     "ACCUMULATED_GRAD_B",
     "ACCUMULATION",
     "ACCUMULATOR_KEYS",
+    "INITIAL_FACTORS",
+    "INITIAL_A",
+    "INITIAL_B",
+    "INITIAL_KEYS",
 ]
 
 #: Adam updates taken (0-dim float32 tensor on the parameter's device).
@@ -83,3 +88,8 @@ DRIFT_KEYS = (DRIFT_PROBES, DRIFT_REFERENCE, DRIFT_CHANGE)
 ACCUMULATED_GRAD_A, ACCUMULATED_GRAD_B = "accumulated_grad_A", "accumulated_grad_B"
 ACCUMULATION = "accumulation"
 ACCUMULATOR_KEYS = (ACCUMULATED_GRAD_A, ACCUMULATED_GRAD_B, ACCUMULATION)
+
+#: The factors the weight's base excludes (:mod:`lora_optim.initial_factors`): an int status
+#: (absent: unknown) and, with ``keep_initial_factors``, copies of ``A₀`` and ``B₀`` (factor dtype).
+INITIAL_FACTORS, INITIAL_A, INITIAL_B = "initial_factors", "initial_A", "initial_B"
+INITIAL_KEYS = (INITIAL_FACTORS, INITIAL_A, INITIAL_B)
