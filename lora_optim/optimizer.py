@@ -576,8 +576,9 @@ class LoRAAdam(torch.optim.Optimizer):
             scale = self._scale(group)
             if DRIFT_CHANGE in state:
                 record_drift_step_(state, projection, change, scale)
-            with writable_matrix(p) as weight:
-                get_writer(self._precision(p, group)).write_(weight, state, WeightDelta(projection, change, scale))
+        # Outside inference_mode(False), which turns grad mode back on: the write is in place on W.
+        with writable_matrix(p) as weight:
+            get_writer(self._precision(p, group)).write_(weight, state, WeightDelta(projection, change, scale))
 
     def factor_scale(self, p: Tensor) -> float:
         """The scale ``s`` of the low-rank parameter ``p``'s group: ``alpha / rank``, or
