@@ -323,9 +323,12 @@ def step_(
             else:
                 stepping.append(item)
         prepared.append(_prepare_lowrank(batch, stepping))
-    coefficients = clip_coefficients(
-        [(plan.max_grad_norm, [grad for call in plan.calls for grad in call.grads]) for plan in prepared], grad_scale
-    )
+    coefficients: list[Tensor | None] = [None] * len(prepared)
+    if any(plan.max_grad_norm is not None for plan in prepared):
+        coefficients = clip_coefficients(
+            [(plan.max_grad_norm, [grad for call in plan.calls for grad in call.grads]) for plan in prepared],
+            grad_scale,
+        )
     for plan, coefficient in zip(prepared, coefficients):
         for call in plan.calls:
             if coefficient is not None and call.grads:
