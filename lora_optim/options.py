@@ -123,7 +123,8 @@ def optional(inner: Check) -> Check:
 
 def boolean(name: str, value: Any) -> bool:
     """``True`` or ``False`` (a ``bool``, or a NumPy bool; numbers are refused, as a typo guard)."""
-    if isinstance(value, bool) or type(value).__name__ == "bool_":
+    kind = type(value)
+    if isinstance(value, bool) or (kind.__module__ == "numpy" and kind.__name__ in ("bool", "bool_")):
         return bool(value)
     raise ValueError(f"Invalid {name}: {value!r}; must be True or False")
 

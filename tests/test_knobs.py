@@ -164,6 +164,13 @@ def test_bad_knob_values_raise_naming_the_option(option, value):
         LoRAAdam([{"params": torch.nn.Linear(3, 2).parameters(), option: value}])
 
 
+def test_boolean_options_take_numpy_bools():
+    import numpy as np
+
+    opt = LoRAAdam(torch.nn.Linear(3, 2).parameters(), use_rslora=np.True_, keep_initial_factors=np.False_)
+    assert opt.param_groups[0]["use_rslora"] is True and opt.param_groups[0]["keep_initial_factors"] is False
+
+
 def test_knobs_round_trip_through_state_dict_with_weights_only():
     model = make_model()
     opt = _ours(model, max_grad_norm=0.5, loraplus_lr_ratio=2.0, use_rslora=True, keep_initial_factors=True,
