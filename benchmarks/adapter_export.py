@@ -191,9 +191,13 @@ def _plot(curves, trained):
         right.plot(ranks, accuracy, marker="o", label=f"{name}, PEFT-reloaded")
     if trained is not None:
         right.axhline(trained, color="grey", linestyle="--", label="random, trained")
-    left.set(xscale="log", xlabel="export rank", ylabel="kept share of ‖ΔW‖² (min over modules)")
-    right.set(xscale="log", xlabel="export rank", ylabel="held-out accuracy")
+    left.set(xlabel="export rank", ylabel="kept share of ‖ΔW‖² (min over modules)")
+    right.set(xlabel="export rank", ylabel="held-out accuracy")
+    ticks = sorted({rank for points in curves.values() for rank, _, _ in points})
     for axis in (left, right):
+        axis.set_xscale("log", base=2)
+        axis.set_xticks(ticks, [str(rank) for rank in ticks])
+        axis.minorticks_off()
         axis.legend(fontsize=8)
         axis.grid(alpha=0.3)
     figure.tight_layout()

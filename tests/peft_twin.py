@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from grad_modes import rel as relative  # noqa: F401  (‖a − b‖ / ‖b‖)
 from lora_optim import LoRAAdam
 from lora_optim.examples import minilm_task as mt
 
@@ -33,11 +34,6 @@ SENTENCES = [
 BATCH = 4
 MAX_LENGTH = 16
 PREFIX = "base_model.model."
-
-
-def relative(a: torch.Tensor, b: torch.Tensor) -> float:
-    """``‖a − b‖ / ‖b‖``."""
-    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
 
 
 def batches() -> list[dict[str, torch.Tensor]]:
