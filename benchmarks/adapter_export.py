@@ -154,8 +154,11 @@ def main() -> int:
             if "rank" in choice:
                 curves.setdefault("random", []).append((choice["rank"], min(kept), accuracy))
     columns = ["run, export", "rank", "kept (min)", "kept (median)", "lowrank2 − exact (max)",
-               "lowrank4 − exact (max)", "trained acc",
-               "PEFT-reloaded acc", "adapter (MiB)", "SVD s: exact / lowrank2 / lowrank4"]
+               "lowrank4 − exact (max)", "trained acc", "PEFT-reloaded acc", "adapter (MiB)"]
+    if args.timing:
+        columns.append("SVD s: exact / lowrank2 / lowrank4")
+    else:
+        rows = [row[:len(columns)] for row in rows]
     notes = (
         f"Setup: the demo's runs (`python -m lora_optim.demo`), {config.steps} steps, batch {config.batch_size}"
         f"×{config.max_length}; accuracy on {test_count} held-out docstrings (standard error about "

@@ -24,7 +24,7 @@ STEPS = 8
 HYPER = dict(lr=1e-3, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.01)
 MAX_NORM = 0.06  # PEFT's total gradient norm goes from 0.11 down to 0.04 over these steps
 RATIO = 4.0
-TOL = 1e-10  # relative; measured worst: 3.4e-16 (loss), 1.6e-16 (weights)
+TOL = 1e-10  # relative; measured worst: 3.6e-16 (losses), 1.3e-14 (weights, all knobs at once)
 
 
 @pytest.fixture(scope="module")

@@ -31,7 +31,7 @@ import interop_models as im
 from lora_optim import LoRAAdam, export_peft_adapter
 from lora_optim.interop.svd import truncate_dense, truncate_product
 
-TOL = 1e-10  # float64; measured worst 4e-16
+TOL = 1e-10  # float64; measured worst 6.4e-16 over 24 random configurations
 
 
 def _peft_state(loaded) -> dict[str, torch.Tensor]:
