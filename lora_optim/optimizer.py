@@ -39,7 +39,6 @@ from lora_optim.precision import default_precision, factor_dtype, get_writer
 from lora_optim.projections import FactorChange, Projection, get_projection
 from lora_optim.projections import projection_options as registered_projection_options
 from lora_optim.seeding import derive_seed
-from lora_optim.weight_change import WeightDelta
 from lora_optim.state_keys import (
     ACCUMULATED_GRAD_A,
     ACCUMULATION,
@@ -52,6 +51,7 @@ from lora_optim.state_keys import (
     SEED,
     STEP,
 )
+from lora_optim.weight_change import WeightDelta
 
 __all__ = ["LoRAAdam"]
 

@@ -133,8 +133,8 @@ def twin(base: nn.Module, peft_config: dict, make_peft_optimizer: Callable[[nn.M
     weights = [modules[name].weight for name in names]
     for weight in weights:
         weight.requires_grad_(True)
-    optimizer = LoRAAdam([{"params": weights, "rank": peft_config.get("r", 8), "alpha": peft_config.get("lora_alpha", 16)}],
-                         **ours_options)
+    group = {"params": weights, "rank": peft_config.get("r", 8), "alpha": peft_config.get("lora_alpha", 16)}
+    optimizer = LoRAAdam([group], **ours_options)
     layers = lora_layers(wrapped)
     assert sorted(layers) == sorted(names)
     for name in names:

@@ -1,23 +1,22 @@
 """Which PEFT LoRA layer expresses a weight, and how our factors map onto its tensors.
 
 The optimizer trains the matrix view ``W`` (``out×in``, :mod:`lora_optim.matrix`) of a weight with
-``W = W_base + s·L·R`` (``L`` is ``out×k``, ``R`` is ``k×in``). PEFT keeps, per adapted module,
+``W = W_base + s·L·R`` (``L`` is ``out×k``, ``R`` is ``k×in``). PEFT keeps, per adapted module:
 
-================  ===================================  ===================================  ==========================
-module            ``lora_A``                           ``lora_B``                           PEFT's change of the weight
-================  ===================================  ===================================  ==========================
-``nn.Linear``     ``lora_A.weight`` = ``R`` (k×in)      ``lora_B.weight`` = ``L`` (out×k)     ``s·lora_B·lora_A``
-``nn.Conv1/2/3d`` ``lora_A.weight`` = ``R`` as           ``lora_B.weight`` = ``L`` as          the same, as a convolution
-                  ``(k, in, *kernel)``                  ``(out, k, 1, …)``
-``nn.Embedding``  ``lora_embedding_A`` = ``Lᵀ``          ``lora_embedding_B`` = ``Rᵀ``          ``s·(lora_embedding_B·lora_embedding_A)ᵀ``
-                  (k×num_embeddings)                    (embedding_dim×k)
-================  ===================================  ===================================  ==========================
+* ``nn.Linear``: ``lora_A.weight = R`` (``k×in``) and ``lora_B.weight = L`` (``out×k``); PEFT's
+  change of the weight is ``s·lora_B·lora_A``;
+* ``nn.Conv1d/2d/3d``: the same, reshaped to ``lora_A.weight`` ``(k, in, *kernel)`` (a
+  convolution with the layer's kernel, stride and padding) and ``lora_B.weight``
+  ``(out, k, 1, …)`` (a 1×1 convolution); the matrix view of the kernel is ``(out, in·∏kernel)``;
+* ``nn.Embedding`` (``num_embeddings×embedding_dim``): ``lora_embedding_A = Lᵀ``
+  (``k×num_embeddings``) and ``lora_embedding_B = Rᵀ`` (``embedding_dim×k``); PEFT's change is
+  ``s·(lora_embedding_B·lora_embedding_A)ᵀ``;
 
 so our ``A`` is PEFT's ``lora_B`` (and, for embeddings, the transposes swap). A weight PEFT would
 not reproduce faithfully raises ``ValueError`` naming it: a weight that is not a module's
 ``weight``, other module types (transformers' ``Conv1D`` needs ``fan_in_fan_out``, transposed
 convolutions, ``nn.MultiheadAttention``'s projections, which it reads without calling the
-modules), convolutions with ``groups > 1``, a dilation or a non-zero padding mode (PEFT's
+modules), convolutions with ``groups > 1``, a dilation or a padding mode other than zeros (PEFT's
 ``lora_A`` convolution has none of them), and embeddings with ``max_norm``.
 """
 
@@ -113,7 +112,8 @@ def peft_layer(module_name: str, module: nn.Module, parameter_name: str, parent:
         if module.groups != 1 or any(d != 1 for d in module.dilation) or module.padding_mode != "zeros":
             raise ValueError(
                 f"{where}: PEFT's LoRA convolution has no groups, dilation or padding mode, so it cannot express this "
-                f"{kind_name} (groups={module.groups}, dilation={module.dilation}, padding_mode={module.padding_mode!r})"
+                f"{kind_name} (groups={module.groups}, dilation={module.dilation}, "
+                f"padding_mode={module.padding_mode!r})"
             )
         return PeftLayer(module_name, "conv", shape)
     if isinstance(module, nn.Linear):

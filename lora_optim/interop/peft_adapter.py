@@ -159,12 +159,12 @@ def _owners(model: nn.Module) -> dict[int, list[_Owner]]:
 def _single_owner(owners: dict[int, list[_Owner]], p: Tensor, what: str) -> _Owner:
     held = owners.get(id(p))
     if not held:
-        raise ValueError(f"{what}: the optimizer trains a parameter of shape {tuple(p.shape)} that is not in the model; "
-                         "pass the model that holds every trained parameter")
+        raise ValueError(f"{what}: the optimizer trains a parameter of shape {tuple(p.shape)} that is not in the "
+                         "model; pass the model that holds every trained parameter")
     if len({owner.full_name for owner in held}) > 1:
         names = sorted({owner.full_name for owner in held})
-        raise ValueError(f"{what}: {names[0]} is shared with {names[1:]}; PEFT adapts one module at a time, so a shared "
-                         "(tied) trained parameter cannot be written as an adapter")
+        raise ValueError(f"{what}: {names[0]} is shared with {names[1:]}; PEFT adapts one module at a time, so a "
+                         "shared (tied) trained parameter cannot be written as an adapter")
     return held[0]
 
 
@@ -458,7 +458,8 @@ def load_peft_adapter(model: nn.Module, optimizer: LoRAAdam, path: str | os.Path
             module_name = match["module"]
             module = modules.get(module_name)
             if module is None or not isinstance(getattr(module, "weight", None), Tensor):
-                raise ValueError(f"load_peft_adapter: the adapter adapts {module_name!r}, which the model does not have")
+                raise ValueError(f"load_peft_adapter: the adapter adapts {module_name!r}, which the model does not "
+                                 "have")
             owner = _single_owner(owners, module.weight, "load_peft_adapter")
             adapted[module_name] = peft_layer(owner.module_name, owner.module, owner.parameter_name, owner.parent)
             continue
@@ -466,8 +467,9 @@ def load_peft_adapter(model: nn.Module, optimizer: LoRAAdam, path: str | os.Path
         if parameter_name not in parameters:
             raise ValueError(f"load_peft_adapter: the adapter holds {name!r}, which the model does not have")
         if tuple(parameters[parameter_name].shape) != tuple(tensors[key].shape):
-            raise ValueError(f"load_peft_adapter: {parameter_name!r} has shape {tuple(parameters[parameter_name].shape)}"
-                             f" in the model and {tuple(tensors[key].shape)} in the adapter")
+            shape = tuple(parameters[parameter_name].shape)
+            raise ValueError(f"load_peft_adapter: {parameter_name!r} has shape {shape} in the model and "
+                             f"{tuple(tensors[key].shape)} in the adapter")
         copies[parameter_name] = key
 
     moves = []

@@ -15,7 +15,8 @@ Two routes lead to the factors of an adapter:
 
 Either way the factors are balanced, ``L' = U_{k'} S_{k'}^{1/2}``, ``R' = S_{k'}^{1/2} V_{k'}ᵀ``, and
 the kept share ``Σ_{i≤k'} σ_i² / ‖ΔW‖_F²`` is exact: for the randomised SVD, whose factors are
-``Q·(QᵀΔW)_{k'}`` with ``Q`` orthonormal, ``‖ΔW − Q(QᵀΔW)_{k'}‖² = ‖ΔW‖² − Σ_{i≤k'} σ_i(QᵀΔW)²``.
+``Q·(QᵀΔW)_{k'}`` with ``Q`` orthonormal,
+``‖ΔW − Q(QᵀΔW)_{k'}‖² = ‖ΔW‖² − Σ_{i≤k'} σ_i(QᵀΔW)²``.
 The rank ``k'`` is given, or the smallest whose kept share reaches an ``energy`` threshold.
 """
 
