@@ -342,7 +342,6 @@ def run_demo(
                                            shuffle=False, drop_last=False))
 
     base = mt.build_classifier(task.num_labels, seed=config.seed)
-    base.eval()
     active: list[_Run] = []
     for method, lr in methods:
         model = copy.deepcopy(base)
