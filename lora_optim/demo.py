@@ -348,6 +348,8 @@ def run_demo(
         optimizer = method.build(model, lr, config)
         batches = mt.iterate_batches(train, train_labels, config.batch_size, seed=config.seed, num_epochs=None)
         active.append(_Run(method, lr, model, optimizer, batches))
+    if config.adapter_dir is None:
+        del base  # else kept: PEFT reloads the adapters onto it, and random's export is an SVD of W − W₀
 
     bar = tqdm(range(config.steps), desc=f"training {len(active)} runs", file=sys.stderr, disable=not progress)
     for _ in bar:
