@@ -21,6 +21,7 @@ from grad_modes import rel as relative  # noqa: F401  (‖a − b‖ / ‖b‖)
 from lora_optim import LoRAAdam
 from lora_optim.examples import minilm_task as mt
 
+#: Real sentences: the 12 of ``tests/test_peft_equivalence.py``, then batches of ``BATCH``.
 SENTENCES = [
     "The quick brown fox jumps over the lazy dog.",
     "A man is playing a guitar on the street corner.",
@@ -30,7 +31,13 @@ SENTENCES = [
     "She bought fresh bread and cheese at the market this morning.",
     "Transformers encode every token with self-attention layers.",
     "The museum opens at nine and closes at five on weekdays.",
+    "Gradient descent follows the negative gradient of the loss.",
+    "Two children are building a sandcastle on the beach.",
+    "The train to Berlin was delayed by forty minutes.",
+    "Sentence embeddings map similar meanings to nearby vectors.",
 ]
+#: The interop tests use the first 8 (two batches).
+USED = 8
 BATCH = 4
 MAX_LENGTH = 16
 PREFIX = "base_model.model."
@@ -39,7 +46,7 @@ PREFIX = "base_model.model."
 def batches() -> list[dict[str, torch.Tensor]]:
     tokenizer = mt.load_tokenizer()
     found = []
-    for start in range(0, len(SENTENCES), BATCH):
+    for start in range(0, USED, BATCH):
         enc = tokenizer(SENTENCES[start : start + BATCH], padding="longest", truncation=True, max_length=MAX_LENGTH,
                         return_tensors="pt", return_token_type_ids=True)
         found.append({k: enc[k] for k in ("input_ids", "attention_mask", "token_type_ids")})
