@@ -128,3 +128,21 @@ def test_task_switching_on_one_base_model(tmp_path):
     unmerge_(model, opt, strict=False)
     for name in im.LOW_RANK:
         assert im.relative(model.get_parameter(name).detach(), base.get_parameter(name)) <= 1e-12, name
+
+
+def test_unmerge_and_load_refuse_between_backward_and_step(tmp_path):
+    """In the per-layer mode the projected pieces of the coming step were made with the current
+    factors: moving the factors then would step with stale sums. Both refuse, changing nothing."""
+    model = im.make_small()
+    opt = im.optimizer_for(model, dense=())
+    im.train(model, opt)
+    export_peft_adapter(model, opt, tmp_path)
+    # A piece for the last low-rank weight only, as a per-layer hook adds it: the others would be
+    # moved first if the check came late.
+    opt.accumulate_grad_(model.conv.weight, torch.ones_like(model.conv.weight))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(RuntimeError, match="conv.weight.*nothing was changed"):
+        unmerge_(model, opt)
+    with pytest.raises(RuntimeError, match="conv.*nothing was changed"):
+        load_peft_adapter(model, opt, tmp_path)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

@@ -49,6 +49,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lora_optim import accumulation
 from lora_optim.interop.layers import ADAPTER_PREFIX, PeftLayer, peft_layer
 from lora_optim.interop.svd import SVD_METHODS, Truncation, truncate_dense, truncate_product
 from lora_optim.matrix import as_matrix
@@ -427,8 +428,9 @@ def load_peft_adapter(model: nn.Module, optimizer: LoRAAdam, path: str | os.Path
     group whose effective rank equals the adapter's rank and whose scale ``s`` (:meth:`LoRAAdam.factor_scale
     <lora_optim.LoRAAdam.factor_scale>`) equals the adapter's ``lora_alpha / r`` (``/ √r`` with
     ``use_rslora``). Everything is checked before anything changes; a mismatch raises
-    ``ValueError`` naming the module. Call it between steps (not between ``backward`` and
-    ``step()`` in the per-layer or activation-side modes).
+    ``ValueError`` naming the module. Between ``backward`` and ``step()`` in the per-layer or
+    activation-side modes (projected pieces made with the current factors are pending) it raises
+    ``RuntimeError``, also before changing anything.
 
     Returns:
         An :class:`AdapterImport` naming what was merged and copied.
@@ -502,6 +504,11 @@ def load_peft_adapter(model: nn.Module, optimizer: LoRAAdam, path: str | os.Path
         moves.append((p, L, R))
     if not moves:
         raise ValueError(f"load_peft_adapter: {str(directory)!r} adapts no layer")
+    pending = [name for (p, _, _), name in zip(moves, adapted) if accumulation.open_sums(optimizer.state.get(p, {}))]
+    if pending:
+        raise RuntimeError(f"load_peft_adapter: {pending} have projected gradient pieces of a coming step (per-layer "
+                           "or activation-side mode); nothing was changed. Load the adapter before backward or after "
+                           "step()")
     for p, L, R in moves:
         optimizer.set_factors(p, L, R, update_weight=True)
     for parameter_name, key in copies.items():

@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lora_optim import accumulation
 from lora_optim.optimizer import LoRAAdam
 
 __all__ = ["unmerge_"]
@@ -41,7 +42,9 @@ def unmerge_(model: nn.Module, optimizer: LoRAAdam, *, strict: bool = True) -> l
     ``keep_initial_factors=True``), and, with ``strict=True``, when ``optimizer`` has trained a
     parameter of ``model`` densely (a bias, a head: its base value is not known to the
     optimizer; ``strict=False`` leaves those as they are). Restore such weights from the base
-    model instead.
+    model instead. Between ``backward`` and ``step()`` in the per-layer or activation-side modes
+    (projected pieces made with the current factors are pending) it raises ``RuntimeError``,
+    before changing anything.
     """
     if not isinstance(optimizer, LoRAAdam):
         raise TypeError(f"unmerge_ expects a lora_optim.LoRAAdam, got {type(optimizer).__name__}")
@@ -63,6 +66,10 @@ def unmerge_(model: nn.Module, optimizer: LoRAAdam, *, strict: bool = True) -> l
             f"unmerge_: the initial factors of {unknown} are unknown (projection 'random', or a non-zero initial "
             "product without keep_initial_factors=True); nothing was changed. Restore them from the base model."
         )
+    pending = [name for name, p, _ in moves if accumulation.open_sums(optimizer.state[p])]
+    if pending:
+        raise RuntimeError(f"unmerge_: {pending} have projected gradient pieces of a coming step (per-layer or "
+                           "activation-side mode); nothing was changed. Unmerge before backward or after step()")
     if dense and strict:
         raise ValueError(
             f"unmerge_: {dense} are trained densely, so their base values are not known to the optimizer; nothing was "
