@@ -7,6 +7,7 @@ its full gradient, keeping Adam state only for the factors, without touching the
 from lora_optim.activation import ActivationSide
 from lora_optim.drift import DriftReport
 from lora_optim.grad_mode import GradMode
+from lora_optim.interop import export_peft_adapter, load_peft_adapter, unmerge_
 from lora_optim.memory import optimizer_state_bytes
 from lora_optim.nonfinite import NonFiniteGradientError, NonFiniteGradientWarning
 from lora_optim.optimizer import LoRAAdam
@@ -39,6 +40,10 @@ __all__ = [
     "DriftReport",
     "NonFiniteGradientWarning",
     "NonFiniteGradientError",
+    # interop with PEFT (lora_optim.interop)
+    "export_peft_adapter",
+    "load_peft_adapter",
+    "unmerge_",
 ]
 
 __version__ = "0.1.0"

@@ -7,7 +7,8 @@ method trains its own copy of the same model for ``--steps`` steps (default 50, 
 ``max_length`` 64) on the *same* batches in the same order, from the same head init (int
 seeds). The runs are interleaved step by step (method 1 step t, method 2 step t, ..., then
 t+1), so every method sees the same machine load, which matters on a shared machine.
-Progress goes to stderr (tqdm); stdout receives only the markdown table.
+Progress goes to stderr (tqdm); stdout receives the markdown table and, under it, where the runs'
+PEFT adapters were saved.
 
 Methods (the :data:`METHODS` table; add a row to add a method):
 
@@ -54,6 +55,13 @@ Columns of the table:
   (not the last noisy minibatch);
 * ``held-out acc``: accuracy on the 150 held-out docstrings (``--eval-split validation``: on the
   100 validation docstrings);
+* ``PEFT-reloaded acc``: for the LoRAAdam methods, the same accuracy of the base model with the
+  run's change exported as a PEFT adapter (:func:`lora_optim.export_peft_adapter`) and loaded
+  back by ``peft.PeftModel.from_pretrained``; ``lora`` and ``additive`` export their exact factors
+  (rank ``r`` and ``2r``), ``random`` (whose change sums every draw) a rank-``r`` SVD of
+  ``W − W₀``, so its column shows what that truncation costs. The adapters are written to
+  ``--adapter-dir`` (default: a new temporary directory) and listed under the table, with the
+  share of ``‖ΔW‖²`` they keep;
 * ``opt state``: :func:`lora_optim.optimizer_state_bytes` of the optimizer (LoRAAdam: factors,
   their moments and the head's moments; PEFT: AdamW moments of adapters + head; AdamW: moments
   of everything);
@@ -63,7 +71,8 @@ Columns of the table:
   steps after a warm-up of 5; ``opt.step``: median of the optimizer call alone.
 
 Options: ``--steps``, ``--methods``, ``--seed``, ``--rank``, ``--lr NAME=V[,V...]`` (a run per
-value), ``--eval-split``, ``--threads``, ``--quick`` (3 steps on a small subset, for smoke tests).
+value), ``--eval-split``, ``--threads``, ``--adapter-dir`` / ``--no-adapters``, ``--quick`` (3
+steps on a small subset, for smoke tests).
 """
 
 from __future__ import annotations
@@ -75,13 +84,16 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
+from pathlib import Path
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
+from lora_optim.interop import export_peft_adapter
 from lora_optim.memory import optimizer_state_bytes
 from lora_optim.optimizer import LoRAAdam
 
@@ -92,6 +104,7 @@ __all__ = [
     "RunResult",
     "run_demo",
     "format_table",
+    "format_adapters",
     "build_parser",
     "main",
 ]
@@ -118,6 +131,8 @@ class DemoConfig:
         train_subset: train on the first this-many training examples only (``None``: all).
         eval_subset: score on the first this-many evaluation examples only (``None``: all).
         loss_examples: size of the fixed training subset the final loss is measured on.
+        adapter_dir: where to export the LoRAAdam runs as PEFT adapters (one subdirectory per
+            run) and score them reloaded by PEFT; ``None``: no export.
     """
 
     steps: int = 50
@@ -131,6 +146,7 @@ class DemoConfig:
     train_subset: int | None = None
     eval_subset: int | None = None
     loss_examples: int = 128
+    adapter_dir: str | None = None
 
 
 Builder = Callable[[nn.Module, float, DemoConfig], torch.optim.Optimizer]
@@ -239,6 +255,12 @@ class RunResult:
     step_seconds: float
     optimizer_step_seconds: float
     minibatch_losses: list[float]
+    #: The exported PEFT adapter (LoRAAdam runs with ``adapter_dir``): its directory, the accuracy
+    #: of the base model with it loaded by PEFT, its routes and the smallest share of ‖ΔW‖² kept.
+    adapter_path: str | None = None
+    adapter_accuracy: float | None = None
+    adapter_routes: str | None = None
+    adapter_kept: float | None = None
 
 
 @dataclasses.dataclass
@@ -326,7 +348,8 @@ def run_demo(
         optimizer = method.build(model, lr, config)
         batches = mt.iterate_batches(train, train_labels, config.batch_size, seed=config.seed, num_epochs=None)
         active.append(_Run(method, lr, model, optimizer, batches))
-    del base
+    if config.adapter_dir is None:
+        del base  # else kept: PEFT reloads the adapters onto it, and random's export is an SVD of W − W₀
 
     bar = tqdm(range(config.steps), desc=f"training {len(active)} runs", file=sys.stderr, disable=not progress)
     for _ in bar:
@@ -359,21 +382,61 @@ def run_demo(
                                     if run.optimizer_times else float("nan")),
             minibatch_losses=run.losses,
         ))
+        if config.adapter_dir is not None and isinstance(run.optimizer, LoRAAdam):
+            name = run.method.name if sum(r.method.name == run.method.name for r in active) == 1 \
+                else f"{run.method.name}-lr{run.lr:g}"
+            _export_and_score(results[-1], run, base, Path(config.adapter_dir) / name, evaluation)
     return results
+
+
+def _export_and_score(result: RunResult, run: _Run, base: nn.Module, path: Path, evaluation) -> None:
+    """Export ``run`` as a PEFT adapter (against ``base`` where an SVD of ``W − W₀`` is needed) and
+    score the base model with the adapter loaded back by PEFT."""
+    import warnings
+
+    from peft import PeftModel
+
+    from lora_optim.examples import minilm_task as mt
+
+    report = export_peft_adapter(run.model, run.optimizer, path, base=base)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PEFT's notes about the base model's config
+        reloaded = PeftModel.from_pretrained(copy.deepcopy(base), str(path))
+    result.adapter_path = str(path)
+    result.adapter_accuracy = mt.evaluate_accuracy(reloaded, *evaluation)
+    routes = sorted({f"{module.route} rank {module.rank}" for module in report.modules})
+    result.adapter_routes = ", ".join(routes)
+    result.adapter_kept = report.min_kept
 
 
 def format_table(results: Sequence[RunResult], eval_split: str = "test") -> str:
     """The markdown table of ``results`` (one row per run)."""
     acc = "held-out acc" if eval_split == "test" else "validation acc"
     lines = [
-        f"| method | lr | train loss | {acc} | opt state (MiB) | adapters (MiB) | step (s) | opt.step (ms) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        f"| method | lr | train loss | {acc} | PEFT-reloaded acc | opt state (MiB) | adapters (MiB) | step (s) "
+        "| opt.step (ms) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
+        reloaded = "-" if r.adapter_accuracy is None else f"{r.adapter_accuracy:.3f}"
         lines.append(
-            f"| {r.method} | {r.lr:g} | {r.train_loss:.3f} | {r.accuracy:.3f} | {r.state_bytes / 2**20:.2f} "
-            f"| {r.adapter_bytes / 2**20:.2f} | {r.step_seconds:.3f} | {1e3 * r.optimizer_step_seconds:.1f} |"
+            f"| {r.method} | {r.lr:g} | {r.train_loss:.3f} | {r.accuracy:.3f} | {reloaded} "
+            f"| {r.state_bytes / 2**20:.2f} | {r.adapter_bytes / 2**20:.2f} | {r.step_seconds:.3f} "
+            f"| {1e3 * r.optimizer_step_seconds:.1f} |"
         )
+    return "\n".join(lines)
+
+
+def format_adapters(results: Sequence[RunResult]) -> str:
+    """The lines under the table that say where each run's PEFT adapter was saved ("" if none)."""
+    exported = [r for r in results if r.adapter_path is not None]
+    if not exported:
+        return ""
+    lines = ["PEFT adapters (load with peft.PeftModel.from_pretrained(base_model, path)):"]
+    for r in exported:
+        lines.append(f"- {r.method} (lr {r.lr:g}): {r.adapter_path} ({r.adapter_routes}; keeps "
+                     f"{r.adapter_kept:.3f} of ||dW||^2 at worst; PEFT-reloaded acc {r.adapter_accuracy:.3f}, "
+                     f"trained {r.accuracy:.3f})")
     return "\n".join(lines)
 
 
@@ -413,6 +476,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="score on the held-out test docstrings, or on 100 held-back training ones (for sweeps)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads (default: torch's choice); 1 is steadier on a busy machine")
+    parser.add_argument("--adapter-dir", default=None,
+                        help="directory for the LoRAAdam runs' PEFT adapters (default: a new temporary directory)")
+    parser.add_argument("--no-adapters", action="store_true",
+                        help="do not export the LoRAAdam runs as PEFT adapters (no PEFT-reloaded accuracy)")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: 3 steps, batch 8, max_length 32, small data subsets")
     return parser
@@ -465,6 +532,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                             eval_split=args.eval_split)
     if config.steps < 1:
         parser.error(f"--steps must be >= 1, got {config.steps}")
+    if not args.no_adapters:
+        adapter_dir = args.adapter_dir or tempfile.mkdtemp(prefix="lora_optim_demo_adapters_")
+        config = dataclasses.replace(config, adapter_dir=adapter_dir)
     runs = [(name, lr) for name in names for lr in lrs.get(name, [METHODS[name].lr])]
     sys.stderr.write(_machine_line())
     start = time.perf_counter()
@@ -472,6 +542,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     sys.stderr.write(f"# {config.steps} steps x {len(runs)} runs in {time.perf_counter() - start:.0f} s, "
                      f"load average {_load()}\n")
     sys.stdout.write(format_table(results, config.eval_split) + "\n")
+    adapters = format_adapters(results)
+    if adapters:
+        sys.stdout.write("\n" + adapters + "\n")
     sys.stdout.flush()
     return 0
 

@@ -21,6 +21,12 @@ number of kernel launches and host syncs per step does not grow with the work:
 5. every matrix: the write ``W += s·(Δ(A', B') − Δ(A, B))`` by its write mode (three ops for
    ``lora`` into an fp32 ``W``: two concatenations and one ``addmm_``).
 
+Two knobs change step 4 (:mod:`lora_optim.option_table`): ``max_grad_norm`` clips, before any
+Adam call, with one norm over the (``s``-scaled) factor gradients and dense gradients of every
+group that sets it (:func:`clip_coefficients`: one ``_foreach_norm`` per batch and one multiply,
+the factor stays on the device), and ``loraplus_lr_ratio`` (LoRA+) splits a batch's Adam call in
+two, ``A`` at ``lr × ratio`` and ``B`` at ``lr``.
+
 So a ``lora`` matrix costs seven aten ops per step on the torch path, whatever the number of
 matrices; ``tests/test_engine.py`` counts them with a ``TorchDispatchMode``.
 
@@ -36,7 +42,7 @@ groups without the option.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -64,6 +70,7 @@ __all__ = [
     "prepare_grad",
     "project_piece",
     "project_activation_piece",
+    "clip_coefficients",
     "FUSED_DEVICE_TYPES",
 ]
 
@@ -102,6 +109,8 @@ class DenseBatch:
     #: Per parameter: the process group it is sharded over (its NaN/Inf answer is combined over
     #: the ranks), or ``None``.
     groups: list[Any] = field(default_factory=list)
+    #: The group's ``max_grad_norm`` (``None``: not clipped, not counted in the norm; see :func:`clip_coefficients`).
+    max_grad_norm: float | None = None
 
 
 @dataclass
@@ -136,6 +145,10 @@ class LowRankBatch:
     scale: float
     hyper: AdamHyper
     items: list[LowRankItem] = field(default_factory=list)
+    #: The group's ``max_grad_norm`` (``None``: not clipped, not counted in the norm; see :func:`clip_coefficients`).
+    max_grad_norm: float | None = None
+    #: LoRA+: the learning rate of ``A`` (PEFT's ``lora_B``) is ``lr × lr_ratio_A``; ``B`` keeps ``lr``.
+    lr_ratio_A: float = 1.0
 
 
 @dataclass
@@ -343,11 +356,14 @@ def step_(
             "nothing was changed"
         )
 
+    # Prepare every batch (commit the factors, scale the factor gradients by s), then clip with
+    # one norm over all of them, then step: the clip needs every gradient before any Adam call.
+    prepared: list[_Prepared] = []
     for batch in dense:
         keep = [index for index, name in enumerate(batch.names) if flags[("grad", name)]]
         report.skipped += [(batch.names[i], batch.states[i], GRADIENT_CAUSE) for i in range(len(batch.names))
                            if i not in keep]
-        _dense_step_(batch, keep, grad_scale)
+        prepared.append(_prepare_dense(batch, keep))
     for batch in lowrank:
         stepping = []
         for item in batch.items:
@@ -357,24 +373,99 @@ def step_(
                 report.skipped.append((item.name, item.state, STATE_CAUSE))
             else:
                 stepping.append(item)
-        _lowrank_step_(batch, stepping, grad_scale)
+        prepared.append(_prepare_lowrank(batch, stepping))
+    coefficients: list[Tensor | None] = [None] * len(prepared)
+    if any(plan.max_grad_norm is not None for plan in prepared):
+        coefficients = clip_coefficients(
+            [(plan.max_grad_norm, [grad for call in plan.calls for grad in call.grads]) for plan in prepared],
+            grad_scale,
+        )
+    for plan, coefficient in zip(prepared, coefficients):
+        for call in plan.calls:
+            if coefficient is not None and call.grads:
+                torch._foreach_mul_(call.grads, coefficient)
+            adamw_(call.params, call.grads, call.exp_avgs, call.exp_avg_sqs, call.steps, call.hyper, grad_scale)
+        if plan.finish is not None:
+            plan.finish()
     return report
 
 
-def _dense_step_(batch: DenseBatch, keep: list[int], grad_scale: Tensor | None) -> None:
+def clip_coefficients(
+    batches: Sequence[tuple[float | None, Sequence[Tensor]]], grad_scale: Tensor | None = None
+) -> list[Tensor | None]:
+    r"""The gradient-clipping factor of each batch, as ``torch.nn.utils.clip_grad_norm_`` computes it.
+
+    ``batches`` holds ``(max_grad_norm, grads)`` per batch. One total norm is taken over the
+    gradients of every batch whose ``max_grad_norm`` is set (the factor gradients ``s·G·Bᵀ``,
+    ``s·Aᵀ·G`` of the low-rank matrices, the gradients of the dense parameters),
+
+    .. math::
+
+        \lVert g \rVert = \Big(\sum_i \lVert g_i \rVert_2^2\Big)^{1/2} / \sigma, \qquad
+        c_b = \min\Big(1,\ \frac{m_b}{\lVert g \rVert + 10^{-6}}\Big),
+
+    with ``σ`` the ``GradScaler``'s scale (1 without one) and ``m_b`` the batch's ``max_grad_norm``;
+    a batch's gradients are to be multiplied by its ``c_b`` (a 0-dim tensor on the device of
+    its gradients; no host sync). Batches without ``max_grad_norm`` get ``None``. With one
+    ``max_grad_norm`` for all groups this is ``clip_grad_norm_(params, max_grad_norm)`` on the
+    gradients graph LoRA sees (its ``lora_A``/``lora_B`` gradients), not on ``G``.
+    """
+    clipped = [grads for max_norm, grads in batches if max_norm is not None]
+    if not clipped:
+        return [None] * len(batches)
+    norms = [norm for grads in clipped if grads for norm in torch._foreach_norm(list(grads), 2.0)]
+    if not norms:
+        return [None] * len(batches)
+    device = norms[0].device
+    total = torch.linalg.vector_norm(torch.stack([norm.to(device) for norm in norms]), 2.0)
+    if grad_scale is not None:
+        total = total / grad_scale.to(device=device, dtype=total.dtype)
+    coefficients: list[Tensor | None] = []
+    for max_norm, grads in batches:
+        if max_norm is None or not grads:
+            coefficients.append(None)
+            continue
+        coefficient = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        coefficients.append(coefficient.to(device=grads[0].device, dtype=grads[0].dtype))
+    return coefficients
+
+
+@dataclass
+class _AdamCall:
+    """The arguments of one :func:`adamw_` call."""
+
+    hyper: AdamHyper
+    params: list[Tensor]
+    grads: list[Tensor]
+    exp_avgs: list[Tensor]
+    exp_avg_sqs: list[Tensor]
+    steps: list[Tensor]
+
+
+@dataclass
+class _Prepared:
+    """A batch ready to step: its Adam calls, its clip setting, and what runs after the calls."""
+
+    max_grad_norm: float | None
+    calls: list[_AdamCall]
+    finish: Any = None  # a callable, or None
+
+
+def _prepare_dense(batch: DenseBatch, keep: list[int]) -> _Prepared:
     params = [batch.params[i] for i in keep]
     if not params:
-        return
+        return _Prepared(batch.max_grad_norm, [])
     states = [batch.states[i] for i in keep]
     steps = [state[STEP] for state in states]
     torch._foreach_add_(steps, 1.0)
-    adamw_(params, [batch.grads[i] for i in keep], [s[EXP_AVG] for s in states], [s[EXP_AVG_SQ] for s in states],
-           steps, batch.hyper, grad_scale)
+    call = _AdamCall(batch.hyper, params, [batch.grads[i] for i in keep], [s[EXP_AVG] for s in states],
+                     [s[EXP_AVG_SQ] for s in states], steps)
+    return _Prepared(batch.max_grad_norm, [call])
 
 
-def _lowrank_step_(batch: LowRankBatch, items: list[LowRankItem], grad_scale: Tensor | None) -> None:
+def _prepare_lowrank(batch: LowRankBatch, items: list[LowRankItem]) -> _Prepared:
     if not items:
-        return
+        return _Prepared(batch.max_grad_norm, [])
     projection = batch.projection
     # The trained factors of every item, with their gradients and moments, as flat lists.
     factors: list[Tensor] = []
@@ -382,14 +473,15 @@ def _lowrank_step_(batch: LowRankBatch, items: list[LowRankItem], grad_scale: Te
     exp_avgs: list[Tensor] = []
     exp_avg_sqs: list[Tensor] = []
     steps: list[Tensor] = []
+    is_A: list[bool] = []
     positions: list[tuple[int | None, int | None]] = []  # per item: where A and B are in `factors`
     for item in items:
         trains = projection.trained_factors(item.state, batch.options)
         A, B = projection.begin_step(item.state, batch.options, *item.factors)
         item.factors = (A, B)
         where: list[int | None] = []
-        for factor, grad, trained, (exp_avg, exp_avg_sq) in zip(
-            (A, B), item.factor_grads, trains, (MOMENT_KEYS["A"], MOMENT_KEYS["B"])
+        for factor, grad, trained, (exp_avg, exp_avg_sq), first in zip(
+            (A, B), item.factor_grads, trains, (MOMENT_KEYS["A"], MOMENT_KEYS["B"]), (True, False)
         ):
             if not trained:
                 where.append(None)
@@ -400,19 +492,35 @@ def _lowrank_step_(batch: LowRankBatch, items: list[LowRankItem], grad_scale: Te
             exp_avgs.append(item.state[exp_avg])
             exp_avg_sqs.append(item.state[exp_avg_sq])
             steps.append(item.state[STEP])
+            is_A.append(first)
         positions.append((where[0], where[1]))
-    if factors:
-        if batch.scale != 1.0:
-            torch._foreach_mul_(grads, batch.scale)
-        before = torch._foreach_mul(factors, 1.0)  # exact copies (−0.0 stays −0.0)
-        torch._foreach_add_([item.state[STEP] for item in items], 1.0)
-        adamw_(factors, grads, exp_avgs, exp_avg_sqs, steps, batch.hyper, grad_scale)
+    torch._foreach_add_([item.state[STEP] for item in items], 1.0)
+    if not factors:
+        return _Prepared(batch.max_grad_norm, [], lambda: _write_lowrank_(batch, items, positions, [], []))
+    if batch.scale != 1.0:
+        torch._foreach_mul_(grads, batch.scale)
+    before = torch._foreach_mul(factors, 1.0)  # exact copies (−0.0 stays −0.0)
+    if batch.lr_ratio_A == 1.0:
+        calls = [_AdamCall(batch.hyper, factors, grads, exp_avgs, exp_avg_sqs, steps)]
+    else:  # LoRA+: A (PEFT's lora_B) at lr × ratio, B at lr; two fused calls
+        calls = []
+        for want_A, hyper in ((True, replace(batch.hyper, lr=batch.hyper.lr * batch.lr_ratio_A)), (False, batch.hyper)):
+            chosen = [i for i, first in enumerate(is_A) if first == want_A]
+            if chosen:
+                calls.append(_AdamCall(hyper, *([lst[i] for i in chosen]
+                                                for lst in (factors, grads, exp_avgs, exp_avg_sqs, steps))))
+
+    def finish() -> None:
         # The steps the stored factors really took, so that W follows s·(Δ(A_t, B_t) − Δ(A_0, B_0))
         # of the stored factors to the rounding of one step.
-        deltas = torch._foreach_sub(factors, before)
-    else:
-        torch._foreach_add_([item.state[STEP] for item in items], 1.0)
-        before, deltas = [], []
+        _write_lowrank_(batch, items, positions, before, torch._foreach_sub(factors, before))
+
+    return _Prepared(batch.max_grad_norm, calls, finish)
+
+
+def _write_lowrank_(batch: LowRankBatch, items: list[LowRankItem], positions: list[tuple[int | None, int | None]],
+                    before: list[Tensor], deltas: list[Tensor]) -> None:
+    projection = batch.projection
     for item, (index_A, index_B) in zip(items, positions):
         A, B = item.factors
         old_A, step_A = (A, torch.zeros_like(A)) if index_A is None else (before[index_A], deltas[index_A])

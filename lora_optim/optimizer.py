@@ -14,6 +14,7 @@ two ``accumulate_*`` methods; this module imports none of them.
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -25,9 +26,9 @@ from torch.utils.hooks import RemovableHandle
 from lora_optim import accumulation, engine
 from lora_optim.checkpoint import check_loadable
 from lora_optim.distributed import LocalState, WholeState, all_reduce_sum_, is_dtensor, local, row_shard, shard_rows_
-from lora_optim.drift import DriftReport, init_drift_state, measure_drift
+from lora_optim.drift import DriftReport, init_drift_state, measure_drift, record_drift_step_
 from lora_optim.grad_mode import GradMode
-from lora_optim.matrix import as_matrix, matrix_shape
+from lora_optim.matrix import as_matrix, matrix_shape, writable_matrix
 from lora_optim.nonfinite import warn_skipped
 from lora_optim.option_table import (
     COMMON_OPTIONS,
@@ -36,7 +37,7 @@ from lora_optim.option_table import (
     validate_group,
 )
 from lora_optim.precision import default_precision, factor_dtype, get_writer
-from lora_optim.projections import Projection, get_projection
+from lora_optim.projections import FactorChange, Projection, get_projection
 from lora_optim.projections import projection_options as registered_projection_options
 from lora_optim.seeding import derive_seed
 from lora_optim.sparsity import init_sparsity_state
@@ -44,6 +45,7 @@ from lora_optim.state_keys import (
     ACCUMULATED_GRAD_A,
     ACCUMULATED_GRAD_B,
     ACCUMULATION,
+    DRIFT_CHANGE,
     EXP_AVG,
     EXP_AVG_SQ,
     MOMENT_KEYS,
@@ -53,6 +55,7 @@ from lora_optim.state_keys import (
     SEED,
     STEP,
 )
+from lora_optim.weight_change import WeightDelta
 
 __all__ = ["LoRAAdam"]
 
@@ -115,6 +118,19 @@ class LoRAAdam(torch.optim.Optimizer):
             ``W = W₀ + s·ΔW ⊙ [W₀ ≠ 0]``, with the mask stored packed, 1 bit per weight
             (:mod:`lora_optim.sparsity`). Densely trained parameters (vectors, ``rank=None``
             groups) are not masked: plain AdamW moves their zeros.
+        max_grad_norm: clip the gradients to this total norm before the Adam step, as
+            ``torch.nn.utils.clip_grad_norm_`` on graph LoRA's parameters: one norm over the factor
+            gradients ``g_A``, ``g_B`` of the low-rank matrices and the gradients of the dense
+            parameters of every group that sets it (a dense ``p.grad`` is scaled in place);
+            ``None`` (default) does not clip. ``Trainer``'s and ``clip_grad_norm_``'s clip of the
+            full ``G`` is not the same (see ``docs/interop.md``).
+        loraplus_lr_ratio: LoRA+ (``peft.optimizers.create_loraplus_optimizer``): ``A`` (PEFT's
+            ``lora_B``) learns at ``lr × ratio``, ``B`` and dense parameters at ``lr``.
+        use_rslora: rsLoRA scaling, ``s = alpha / √rank`` (PEFT's ``use_rslora=True``).
+        keep_initial_factors: keep copies of the initial factors when their product is non-zero
+            (``init="symmetric"``, :meth:`set_factors`), so that :meth:`weight_change_factors`
+            and :meth:`initial_factors` are known exactly (adapter export, unmerge;
+            :mod:`lora_optim.initial_factors`); costs ``r·(out+in)`` numbers per matrix.
         **projection_options: options of the projections, e.g. ``init="symmetric"``,
             ``"pissa"``, ``"minor"`` or ``"gradient"`` and ``svd_niter`` (``lora``),
             ``resample_every=1`` and ``moment_rule="keep"`` (``random``), ``refresh_every``
@@ -153,12 +169,18 @@ class LoRAAdam(torch.optim.Optimizer):
         nonfinite: str = "skip",
         drift_probes: int = 0,
         preserve_sparsity: bool = False,
+        max_grad_norm: float | None = None,
+        loraplus_lr_ratio: float = 1.0,
+        use_rslora: bool = False,
+        keep_initial_factors: bool = False,
         **projection_options: Any,
     ) -> None:
         check_option_names(projection_options, where="LoRAAdam")
         common = dict(lr=lr, rank=rank, alpha=alpha, projection=projection, betas=betas, eps=eps,
                       weight_decay=weight_decay, seed=seed, precision=precision, nonfinite=nonfinite,
-                      drift_probes=drift_probes, preserve_sparsity=preserve_sparsity)
+                      drift_probes=drift_probes, preserve_sparsity=preserve_sparsity, max_grad_norm=max_grad_norm,
+                      loraplus_lr_ratio=loraplus_lr_ratio, use_rslora=use_rslora,
+                      keep_initial_factors=keep_initial_factors)
         common = {name: COMMON_OPTIONS[name].validate(value) for name, value in common.items()}
         declared = registered_projection_options()
         projection_options = {name: declared[name][0].validate(value) for name, value in projection_options.items()}
@@ -339,6 +361,8 @@ class LoRAAdam(torch.optim.Optimizer):
     @staticmethod
     def _scale(group: Mapping[str, Any]) -> float:
         alpha = group["alpha"] if group["alpha"] is not None else group["rank"]
+        if group.get("use_rslora", False):
+            return float(alpha) / math.sqrt(group["rank"])
         return float(alpha) / group["rank"]
 
     @staticmethod
@@ -461,11 +485,15 @@ class LoRAAdam(torch.optim.Optimizer):
                 sums = accumulation.open_sums(existing) if existing else None
                 if p.grad is None and sums is None:
                     continue
+                if is_dtensor(p) and group["max_grad_norm"] is not None:
+                    raise ValueError(f"{self._name(p)} is a DTensor (FSDP2): max_grad_norm is not available on sharded "
+                                     "parameters yet (the norm would need a sum over the shards); nothing was changed")
                 state = self._state(p, group)
                 name = self._name(p)
                 if not self._trains_low_rank(p, group):
                     param, grad = local(p), local(p.grad)
-                    batch = dense.setdefault((group_index, param.device, param.dtype), engine.DenseBatch(hyper))
+                    batch = dense.setdefault((group_index, param.device, param.dtype), engine.DenseBatch(
+                        hyper, max_grad_norm=group["max_grad_norm"]))
                     batch.params.append(param)
                     batch.grads.append(grad)
                     batch.states.append(LocalState(state) if is_dtensor(p) else state)
@@ -487,7 +515,9 @@ class LoRAAdam(torch.optim.Optimizer):
                 key = (group_index, factors.device, factors.dtype)
                 batch = lowrank.get(key)
                 if batch is None:
-                    batch = lowrank[key] = engine.LowRankBatch(projection, group, self._scale(group), hyper)
+                    batch = lowrank[key] = engine.LowRankBatch(
+                        projection, group, self._scale(group), hyper, max_grad_norm=group["max_grad_norm"],
+                        lr_ratio_A=group["loraplus_lr_ratio"])
                 batch.items.append(engine.LowRankItem(
                     param=local(p), state=view, name=name, policy=group["nonfinite"],
                     writer=get_writer(self._precision(p, group)),
@@ -589,16 +619,28 @@ class LoRAAdam(torch.optim.Optimizer):
         return A.clone(), B.clone()
 
     @torch.no_grad()
-    def set_factors(self, p: Tensor, A: Tensor, B: Tensor) -> None:
-        """Replace the factors of ``p`` by copies of ``A`` (``out×r``) and ``B`` (``r×in``); ``W`` is
-        not changed (later steps add ``s·(A'B' − AB)`` measured from the new factors).
+    def set_factors(self, p: Tensor, A: Tensor, B: Tensor, *, update_weight: bool = False) -> None:
+        """Replace the factors of ``p`` by copies of ``A`` (``out×r``) and ``B`` (``r×in``).
+
+        With ``update_weight=False`` (default) ``W`` is not changed: later steps add
+        ``s·(A'B' − AB)`` measured from the new factors, and ``W`` as it is becomes the base the
+        new factors are measured from (:mod:`lora_optim.initial_factors`). Use it to start from
+        factors made elsewhere (e.g. PEFT's init, or an SVD of ``W``).
+
+        With ``update_weight=True`` the factors move and ``W`` moves with them:
+        ``W += s·(Δ(A, B) − Δ(A_cur, B_cur))``, written by the group's write mode (so a bf16
+        weight with ``compensated`` writes keeps its Kahan buffer), and the base stays what it
+        was. This merges an adapter (``A``, ``B`` = PEFT's ``lora_B``, ``lora_A``), unmerges one
+        (``A``, ``B`` = :meth:`initial_factors`) or switches tasks (:mod:`lora_optim.interop`).
 
         The factors' Adam moments and step count are reset to zero: they described the old
-        factors. ``r`` must equal the parameter's effective rank ``min(rank, out, in)``. Use it
-        to start from factors made elsewhere (e.g. PEFT's, or an SVD of ``W``). Raises
+        factors. ``r`` must equal the parameter's effective rank ``min(rank, out, in)``. Raises
         ``RuntimeError`` while projected gradient pieces of the coming step are summed (they were
         formed with the old factors): call it before ``backward`` or after ``step()``.
         """
+        if is_dtensor(p):
+            raise ValueError(f"set_factors: {self._name(p)} is sharded (FSDP2); set the factors in one process (load the "
+                             "DCP checkpoint there) and reshard, or before wrapping the model")
         group, state, projection = self._low_rank_target(p, "set_factors")
         if accumulation.open_sums(state) is not None:
             raise RuntimeError(f"set_factors: {self._name(p)} has projected gradient pieces of the coming step, made "
@@ -611,14 +653,62 @@ class LoRAAdam(torch.optim.Optimizer):
                 raise ValueError(f"set_factors: {name} must have shape {expected} for this parameter, got {shape}")
             if not torch.isfinite(tensor).all():
                 raise ValueError(f"set_factors: {name} has non-finite entries")
+        if not isinstance(update_weight, bool):
+            raise TypeError(f"set_factors: update_weight must be True or False, got {update_weight!r}")
         moment = state[MOMENT_KEYS["A"][0]]
         with torch.inference_mode(False):
+            if update_weight:
+                old_A, old_B = (t.clone() for t in projection.current_factors(state, group))
             projection.set_factors_(state, A.to(device=moment.device, dtype=moment.dtype),
                                     B.to(device=moment.device, dtype=moment.dtype), group)
             for keys in MOMENT_KEYS.values():
                 for key in keys:
                     state[key].zero_()
             state[STEP].zero_()
+            if not update_weight:
+                projection.record_base_(state, group)
+                return
+            new_A, new_B = projection.current_factors(state, group)
+            change = FactorChange(old_A, old_B, new_A, new_B, new_A - old_A, new_B - old_B)
+            scale = self._scale(group)
+            if DRIFT_CHANGE in state:
+                record_drift_step_(state, projection, change, scale)
+        # Outside inference_mode(False), which turns grad mode back on: the write is in place on W.
+        with writable_matrix(p) as weight:
+            get_writer(self._precision(p, group)).write_(weight, state, WeightDelta(projection, change, scale))
+
+    def factor_scale(self, p: Tensor) -> float:
+        """The scale ``s`` of the low-rank parameter ``p``'s group: ``alpha / rank``, or
+        ``alpha / √rank`` with ``use_rslora`` (``rank`` as configured, even where a small matrix
+        clips it). ``ValueError`` for a densely trained parameter."""
+        group = self._group_of(p)
+        if not self._trains_low_rank(p, group):
+            raise ValueError(f"factor_scale: {self._name(p)} is trained by plain AdamW; it has no factors")
+        return self._scale(group)
+
+    def initial_factors(self, p: Tensor) -> tuple[Tensor, Tensor] | None:
+        """Copies of factors ``(A₀, B₀)`` whose change equals the base's (:mod:`lora_optim.initial_factors`):
+        ``set_factors(p, A₀, B₀, update_weight=True)`` puts ``W`` back to its base (unmerge).
+
+        ``None`` when they are unknown: an init with a non-zero ``A₀·B₀`` (or a :meth:`set_factors`
+        with two non-zero factors) in a group without ``keep_initial_factors=True``, or a
+        projection whose change is not a function of the factors (``random``). Creates the state
+        if ``p`` has not been stepped. ``ValueError`` for densely trained parameters.
+        """
+        group, state, projection = self._low_rank_target(p, "initial_factors")
+        return projection.initial_factors(state, group)
+
+    def weight_change_factors(self, p: Tensor) -> tuple[Tensor, Tensor] | None:
+        """``(L, R)`` with ``W = W_base + s·L·R`` exactly (``s`` = :meth:`factor_scale`), or ``None``
+        when the change is unknown or not of that form (see :meth:`initial_factors`).
+
+        ``lora`` with PEFT's init: ``(A, B)``, rank ``r``; with kept non-zero initial factors:
+        ``([A, −A₀], [B; B₀])``, rank ``2r``; ``additive``: ``([A, E_r], [E_c; B])``, rank
+        ``2r``. This is what :func:`lora_optim.interop.export_peft_adapter` writes. The base is the
+        weight when the factors were made or last set with ``update_weight=False``.
+        """
+        group, state, projection = self._low_rank_target(p, "weight_change_factors")
+        return projection.change_factors(state, group)
 
     # ------------------------------------------------------------------ reliability
 

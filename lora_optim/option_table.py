@@ -41,6 +41,14 @@ COMMON_OPTIONS: Mapping[str, Option] = {
         # issue 11 (lora_optim.sparsity): keep every zero of W exactly zero (a stored mask in the state).
         Option("preserve_sparsity", False, boolean, structural=True,
                doc="keep the zeros of W exactly zero: W = W0 + s·ΔW ⊙ [W0 != 0] (LoRS)"),
+        # --- interop with PEFT (lora_optim.interop, docs/interop.md) ---
+        Option("max_grad_norm", None, optional(real(0.0, inclusive=False)),
+               doc="clip the factor and dense gradients of the groups that set it to this total norm"),
+        Option("loraplus_lr_ratio", 1.0, real(0.0, inclusive=False),
+               doc="LoRA+: lr of A (PEFT's lora_B) = lr x ratio; B and dense parameters keep lr"),
+        Option("use_rslora", False, boolean, doc="rsLoRA scaling: s = alpha / sqrt(rank) instead of alpha / rank"),
+        Option("keep_initial_factors", False, boolean,
+               doc="keep copies of initial factors whose product is non-zero (exact export and unmerge)"),
     )
 }
 

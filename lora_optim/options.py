@@ -121,6 +121,14 @@ def optional(inner: Check) -> Check:
     return check
 
 
+def boolean(name: str, value: Any) -> bool:
+    """``True`` or ``False`` (a ``bool``, or a NumPy bool; numbers are refused, as a typo guard)."""
+    kind = type(value)
+    if isinstance(value, bool) or (kind.__module__ == "numpy" and kind.__name__ in ("bool", "bool_")):
+        return bool(value)
+    raise ValueError(f"Invalid {name}: {value!r}; must be True or False")
+
+
 def learning_rate(name: str, value: Any) -> float | Tensor:
     """A finite number ``>= 0``, or a one-element float tensor holding one (kept as a tensor)."""
     if isinstance(value, Tensor):
@@ -144,8 +152,3 @@ def beta_pair(name: str, value: Any) -> tuple[float, float]:
     return float(value[0]), float(value[1])
 
 
-def boolean(name: str, value: Any) -> bool:
-    """``True`` or ``False`` (a ``bool``, or a NumPy bool: anything else raises)."""
-    if isinstance(value, bool) or (type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_")):
-        return bool(value)
-    raise ValueError(f"Invalid {name}: {value!r}; must be True or False")

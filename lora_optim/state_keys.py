@@ -15,8 +15,9 @@ Low-rank parameters:
     projection's own keys (e.g. :data:`DRAWS`, :data:`AGE` for ``random``), the sparsity mask
     (:data:`SPARSITY_MASK`, groups with ``preserve_sparsity=True``), the write mode's keys
     (:data:`WEIGHT_COMPENSATION`, :data:`ROUNDING_SEED`, :data:`ROUNDING_DRAWS`), the drift
-    probe (:data:`DRIFT_KEYS`) and, between a backward and ``step()`` in the per-layer and
-    activation-side modes, the projected-gradient sums (:data:`ACCUMULATOR_KEYS`).
+    probe (:data:`DRIFT_KEYS`), the record of the initial factors (:data:`INITIAL_KEYS`) and,
+    between a backward and ``step()`` in the per-layer and activation-side modes, the
+    projected-gradient sums (:data:`ACCUMULATOR_KEYS`).
 """
 
 from __future__ import annotations
@@ -54,6 +55,10 @@ __all__ = [
     "ROW_SHARDED_KEYS",
     "ROW_OFFSET",
     "GLOBAL_ROWS",
+    "INITIAL_FACTORS",
+    "INITIAL_A",
+    "INITIAL_B",
+    "INITIAL_KEYS",
 ]
 
 #: Adam updates taken (0-dim float32 tensor on the parameter's device).
@@ -100,10 +105,15 @@ ACCUMULATED_GRAD_A, ACCUMULATED_GRAD_B = "accumulated_grad_A", "accumulated_grad
 ACCUMULATION = "accumulation"
 ACCUMULATOR_KEYS = (ACCUMULATED_GRAD_A, ACCUMULATED_GRAD_B, ACCUMULATION)
 
+#: The factors the weight's base excludes (:mod:`lora_optim.initial_factors`): an int status
+#: (absent: unknown) and, with ``keep_initial_factors``, copies of ``A₀`` and ``B₀`` (factor dtype).
+INITIAL_FACTORS, INITIAL_A, INITIAL_B = "initial_factors", "initial_A", "initial_B"
+INITIAL_KEYS = (INITIAL_FACTORS, INITIAL_A, INITIAL_B)
+
 #: Keys of tensors with one row per row of ``W``: sharded with ``W`` when it is sharded by rows
 #: (FSDP2); a projection adds its own in ``Projection.row_sharded_keys``.
 ROW_SHARDED_KEYS = (FACTOR_A, EXP_AVG_A, EXP_AVG_SQ_A, WEIGHT_COMPENSATION, DRIFT_REFERENCE, DRIFT_CHANGE,
-                    ACCUMULATED_GRAD_A, SPARSITY_MASK)
+                    ACCUMULATED_GRAD_A, SPARSITY_MASK, INITIAL_A)
 
 #: Not stored: on a row-sharded weight the engine shows projections this rank's view of the
 #: state, with the global index of its first row and the weight's global row count (ints).

@@ -166,6 +166,21 @@ def scenario_fsdp(rank: int, world: int, mode: str = "plain") -> dict:
         results["refused"] = None
     except ValueError as error:
         results["refused"] = str(error)
+    refusals = {}
+    model = shard(make_model())
+    optimizer = make_optimizer(model, {"max_grad_norm": 1.0})
+    F.cross_entropy(model(data[0][0][rank::world]), data[0][1][rank::world]).backward()
+    before = flat_params(model)
+    try:
+        optimizer.step()
+    except ValueError as error:
+        refusals["max_grad_norm"] = (str(error), torch.equal(before, flat_params(model)))
+    optimizer = make_optimizer(model, {})
+    try:
+        optimizer.set_factors(model.fc1.weight, torch.zeros(7, 4), torch.zeros(4, 6))
+    except ValueError as error:
+        refusals["set_factors"] = (str(error), True)
+    results["refusals"] = refusals
     return results
 
 

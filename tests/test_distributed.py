@@ -169,8 +169,13 @@ def test_fsdp2_keeps_zeros_with_preserve_sparsity(fsdp):
 
 
 def test_fsdp2_refuses_what_has_no_sharded_form(fsdp):
+    """Each refused before anything changes, with a message naming what is not available."""
     for result in fsdp:
         assert result["refused"] is not None and "drift" in result["refused"]
+        refusals = result["refusals"]
+        assert set(refusals) == {"max_grad_norm", "set_factors"}
+        for what, (message, unchanged) in refusals.items():
+            assert what in message and "sharded" in message and unchanged, what
 
 
 DCP_CASES = worker.DCP_CASES

@@ -26,6 +26,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
+import peft_twin
 from lora_optim import LoRAAdam
 from lora_optim.examples import minilm_task as mt
 
@@ -43,20 +44,7 @@ MERGED_TOL = 1e-10  # ‖W_ours − W_peft_merged‖ / ‖W_peft_merged‖ (the 
 UPDATE_TOL = 1e-10  # ‖(W_ours − W0) − s·lora_B·lora_A‖ / ‖s·lora_B·lora_A‖
 FACTOR_TOL = 1e-10  # ‖A_ours − lora_B‖ / ‖lora_B‖ and ‖B_ours − lora_A‖ / ‖lora_A‖
 
-SENTENCES = [
-    "The quick brown fox jumps over the lazy dog.",
-    "A man is playing a guitar on the street corner.",
-    "Low-rank adapters train a small number of extra parameters.",
-    "It rained all night, so the football match was postponed.",
-    "The optimizer keeps two moments for every trainable tensor.",
-    "She bought fresh bread and cheese at the market this morning.",
-    "Transformers encode every token with self-attention layers.",
-    "The museum opens at nine and closes at five on weekdays.",
-    "Gradient descent follows the negative gradient of the loss.",
-    "Two children are building a sandcastle on the beach.",
-    "The train to Berlin was delayed by forty minutes.",
-    "Sentence embeddings map similar meanings to nearby vectors.",
-]
+SENTENCES = peft_twin.SENTENCES  # real sentences, shared with the interop tests
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:

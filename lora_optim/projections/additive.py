@@ -27,6 +27,7 @@ import einops
 import torch
 from torch import Tensor
 
+from lora_optim import initial_factors
 from lora_optim.kernels import native_kernels
 from lora_optim.kernels.blocks import row_blocks
 from lora_optim.projections.registry import register_projection
@@ -171,12 +172,14 @@ class AdditiveProjection(Projection):
     supports_row_sharding = True  # the row folds use global row indices (row_offset)
 
     def init_state(self, weight: Tensor, rank: int, seed: int, factor_dtype: torch.dtype, group) -> FactorState:
-        """``A`` (out×r) and ``B`` (r×in), both zero."""
+        """``A`` (out×r) and ``B`` (r×in), both zero (so the base is ``W`` itself)."""
         out_features, in_features = weight.shape
-        return {
+        state = {
             FACTOR_A: torch.zeros(out_features, rank, dtype=factor_dtype, device=weight.device),
             FACTOR_B: torch.zeros(rank, in_features, dtype=factor_dtype, device=weight.device),
         }
+        initial_factors.record_(state, state[FACTOR_A], state[FACTOR_B], zero=True, keep=False)
+        return state
 
     def current_factors(self, state: FactorState, group) -> tuple[Tensor, Tensor]:
         """The stored ``(A, B)``."""
@@ -202,6 +205,33 @@ class AdditiveProjection(Projection):
     def add_delta_(self, target: Tensor, change: FactorChange, scale: float, row_start: int = 0) -> None:
         """``target += s·(dA[:, j mod r] + dB[i mod r, :])`` (``ΔW`` is linear in the factors)."""
         additive_add_delta_(target, change.dA, change.dB, scale, row_start, change.row_offset)
+
+    def record_base_(self, state: FactorState, group) -> None:
+        """Record the stored factors as the base's (zero if both are all zeros; one host read)."""
+        A, B = state[FACTOR_A], state[FACTOR_B]
+        initial_factors.record_(state, A, B, zero=not (bool(A.any()) or bool(B.any())),
+                                keep=group.get("keep_initial_factors", False))
+
+    def initial_factors(self, state: FactorState, group) -> tuple[Tensor, Tensor] | None:
+        """Zeros for a zero base, the kept ``(A0, B0)``, or ``None`` if unknown."""
+        if initial_factors.status(state) == initial_factors.ZERO:
+            return torch.zeros_like(state[FACTOR_A]), torch.zeros_like(state[FACTOR_B])
+        kept = initial_factors.kept_factors(state)
+        return None if kept is None else (kept[0].clone(), kept[1].clone())
+
+    def change_factors(self, state: FactorState, group) -> tuple[Tensor, Tensor] | None:
+        """``ΔW = dA·E_c + E_r·dB = [dA, E_r]·[E_c; dB]`` with ``dA = A − A0``, ``dB = B − B0``: exact
+        LoRA factors of inner size ``2r`` (the block identities ``E_r``, ``E_c`` of the module
+        docstring). ``None`` if the base is unknown."""
+        A, B = state[FACTOR_A], state[FACTOR_B]
+        initial = self.initial_factors(state, group)
+        if initial is None:
+            return None
+        dA, dB = A - initial[0], B - initial[1]
+        rank = A.shape[1]
+        rows = block_identity(A.shape[0], rank, dtype=A.dtype, device=A.device)  # E_r, out×r
+        columns = block_identity(B.shape[1], rank, dtype=B.dtype, device=B.device, transposed=True)  # E_c, r×in
+        return torch.cat((dA, rows), dim=1), torch.cat((columns, dB), dim=0)
 
     def probe_delta(self, change: FactorChange, scale: float, probes: Tensor) -> Tensor:
         """``s·(dA·fold_rows(X) + spread_rows(dB·X))`` in fp64, with the stored steps ``dA``, ``dB``:

@@ -194,5 +194,26 @@ class Projection(abc.ABC):
         state[FACTOR_A].copy_(A)
         state[FACTOR_B].copy_(B)
 
+    # --- the weight's base (lora_optim.initial_factors): export as an adapter, unmerge ---
+
+    def record_base_(self, state: FactorState, group: Mapping[str, Any]) -> None:
+        """Record the current factors as those the weight's base excludes, ``W = W_base +
+        s·(Δ(A, B) − Δ(A₀, B₀))`` (:mod:`lora_optim.initial_factors`). The optimizer calls it when
+        the state is made and after :meth:`set_factors_` without moving ``W``. Variants with
+        persistent factors call :func:`lora_optim.initial_factors.record_`; the default records
+        nothing (the change is then unknown)."""
+
+    def initial_factors(self, state: FactorState, group: Mapping[str, Any]) -> tuple[Tensor, Tensor] | None:
+        """Factors ``(A₀, B₀)`` with ``Δ(A₀, B₀)`` equal to the base's, to move back to (unmerge),
+        or ``None`` if unknown or if ``W − W_base`` is not ``s·(Δ(A, B) − Δ(A₀, B₀))`` for this
+        variant (``random``: a sum over draws). The default returns ``None``."""
+        return None
+
+    def change_factors(self, state: FactorState, group: Mapping[str, Any]) -> tuple[Tensor, Tensor] | None:
+        """``(L, R)`` with ``W − W_base = s·L·R`` exactly (``L`` is ``out×k``, ``R`` is ``k×in``): the
+        weight change as plain LoRA factors, for adapter export. ``None`` if unknown or not of that
+        form; the default returns ``None``."""
+        return None
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r})"

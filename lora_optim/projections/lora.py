@@ -54,6 +54,12 @@ the residual ``W_res = W − s·A0·B0`` kept implicitly):
   the first step raises ``ValueError``; a step skipped for a NaN/Inf gradient leaves the init
   to the next step. Until the first step, ``get_factors`` returns zeros.
 
+The weight's base (:mod:`lora_optim.initial_factors`): with the ``"peft"`` init ``W − W0 = s·A·B``
+(rank ``r``); with a non-zero ``A0·B0`` it is ``s·[A, −A0]·[B; B0]`` (rank ``2r``), known exactly
+when the group keeps the initial factors (``keep_initial_factors=True``). Every init adds its
+factors to the record the same way (the last lines of :meth:`LoRAProjection.init_state`), so a new
+init needs nothing more for adapter export and unmerge.
+
 Draws (random inits, the randomized SVD) come from the parameter's int seed, never from torch's
 global RNG.
 """
@@ -66,6 +72,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lora_optim import initial_factors
 from lora_optim.kernels import native_kernels
 from lora_optim.kernels.blocks import row_blocks
 from lora_optim.options import Option, choice, integer, optional
@@ -90,6 +97,8 @@ __all__ = [
 
 #: Values of the ``init`` option of ``lora``.
 LORA_INITS = ("peft", "symmetric", "pissa", "minor", "gradient")
+#: Inits whose ``A0·B0`` is zero by construction (no record of the initial factors is kept).
+ZERO_PRODUCT_INITS = ("peft", "gradient")
 
 #: The ``svd_niter`` option (shared with the ``svd`` projection): subspace iterations of the
 #: randomized SVD, or ``None`` for the exact SVD.
@@ -266,23 +275,28 @@ class LoRAProjection(Projection):
         out_features, in_features = weight.shape
         device = weight.device
         init = group["init"]
+        state: FactorState = {}
         if init in ("pissa", "minor"):
             A, B = singular_factors(weight, rank, group_scale(group), which="top" if init == "pissa" else "bottom",
                                     niter=group["svd_niter"], seed=derive_seed(seed, _PISSA_STREAM),
                                     dtype=factor_dtype)
-            return {FACTOR_A: A, FACTOR_B: B}
-        if init == "gradient":  # filled from the first G by step_factors / begin_step
-            return {FACTOR_A: torch.zeros(out_features, rank, dtype=factor_dtype, device=device),
-                    FACTOR_B: torch.zeros(rank, in_features, dtype=factor_dtype, device=device),
-                    GRADIENT_INIT_PENDING: 1}
-        B = uniform((rank, in_features), kaiming_uniform_bound(in_features), derive_seed(seed, 0),
-                    dtype=factor_dtype, device=device)
-        if init == "symmetric":
-            A = uniform((out_features, rank), kaiming_uniform_bound(rank), derive_seed(seed, 1),
-                        dtype=factor_dtype, device=device)
-        else:
+        elif init == "gradient":  # filled from the first G by step_factors / begin_step (A0 = 0 then)
             A = torch.zeros(out_features, rank, dtype=factor_dtype, device=device)
-        return {FACTOR_A: A, FACTOR_B: B}
+            B = torch.zeros(rank, in_features, dtype=factor_dtype, device=device)
+            state[GRADIENT_INIT_PENDING] = 1
+        else:
+            B = uniform((rank, in_features), kaiming_uniform_bound(in_features), derive_seed(seed, 0),
+                        dtype=factor_dtype, device=device)
+            if init == "symmetric":
+                A = uniform((out_features, rank), kaiming_uniform_bound(rank), derive_seed(seed, 1),
+                            dtype=factor_dtype, device=device)
+            else:
+                A = torch.zeros(out_features, rank, dtype=factor_dtype, device=device)
+        state.update({FACTOR_A: A, FACTOR_B: B})
+        # Every init records what the weight's base excludes (adapter export, unmerge).
+        initial_factors.record_(state, A, B, zero=init in ZERO_PRODUCT_INITS,
+                                keep=group.get("keep_initial_factors", False))
+        return state
 
     def current_factors(self, state: FactorState, group: Mapping[str, Any]) -> tuple[Tensor, Tensor]:
         """The stored ``(A, B)`` (zeros before the first step of ``init="gradient"``)."""
@@ -336,6 +350,32 @@ class LoRAProjection(Projection):
     def add_delta_(self, target: Tensor, change: FactorChange, scale: float, row_start: int = 0) -> None:
         """``target += s·(A'B' − AB)``, one product of inner size 2r (:func:`lowrank_add_delta_`)."""
         lowrank_add_delta_(target, change, scale, row_start)
+
+    def record_base_(self, state: FactorState, group: Mapping[str, Any]) -> None:
+        """Record the stored factors as the base's (zero if ``A`` or ``B`` is all zeros; one host
+        read, at :meth:`~lora_optim.LoRAAdam.set_factors` only)."""
+        A, B = state[FACTOR_A], state[FACTOR_B]
+        initial_factors.record_(state, A, B, zero=not (bool(A.any()) and bool(B.any())),
+                                keep=group.get("keep_initial_factors", False))
+
+    def initial_factors(self, state: FactorState, group: Mapping[str, Any]) -> tuple[Tensor, Tensor] | None:
+        """The kept ``(A0, B0)``; for a zero base product ``(0, B)``, a PEFT-style restart that keeps
+        the current ``B``; ``None`` if unknown."""
+        if initial_factors.status(state) == initial_factors.ZERO:
+            return torch.zeros_like(state[FACTOR_A]), state[FACTOR_B].clone()
+        kept = initial_factors.kept_factors(state)
+        return None if kept is None else (kept[0].clone(), kept[1].clone())
+
+    def change_factors(self, state: FactorState, group: Mapping[str, Any]) -> tuple[Tensor, Tensor] | None:
+        """``(A, B)`` (rank ``r``) for a zero base product, ``([A, −A0], [B; B0])`` (rank ``2r``) for
+        kept initial factors, ``None`` if unknown."""
+        A, B = state[FACTOR_A], state[FACTOR_B]
+        if initial_factors.status(state) == initial_factors.ZERO:
+            return A.clone(), B.clone()
+        kept = initial_factors.kept_factors(state)
+        if kept is None:
+            return None
+        return torch.cat((A, -kept[0]), dim=1), torch.cat((B, kept[1]), dim=0)
 
     def probe_delta(self, change: FactorChange, scale: float, probes: Tensor) -> Tensor:
         """``s·(A'(B'X) − A(BX))`` in fp64 with the stored factors: summed over steps it telescopes

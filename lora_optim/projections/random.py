@@ -156,6 +156,18 @@ class RandomProjection(LoRAProjection):
         state[FACTOR_B].copy_(B)
         return state[FACTOR_A], state[FACTOR_B]
 
+    def record_base_(self, state: FactorState, group: Mapping[str, Any]) -> None:
+        """Nothing: ``W − W_base`` is the sum of the changes over every draw, not a function of the
+        current factors, so no record of them tells it."""
+
+    def initial_factors(self, state: FactorState, group: Mapping[str, Any]) -> tuple[Tensor, Tensor] | None:
+        """``None``: the change of a run of draws cannot be undone from the factors (use the base weights)."""
+        return None
+
+    def change_factors(self, state: FactorState, group: Mapping[str, Any]) -> tuple[Tensor, Tensor] | None:
+        """``None``: ``W − W_base`` sums every draw's change; export it by an SVD against the base weights."""
+        return None
+
     def set_factors_(self, state: FactorState, A: Tensor, B: Tensor, group: Mapping[str, Any]) -> None:
         """Only possible when factors are stored (``resample_every > 1``); they are used for the
         next ``resample_every`` steps (a redraw that was due is not made)."""

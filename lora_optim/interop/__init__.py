@@ -1,0 +1,32 @@
+"""Interop with PEFT and Transformers: adapters out and in, unmerge, task switching.
+
+* :func:`export_peft_adapter`: the optimizer's change of a model as a PEFT LoRA adapter
+  directory (exact factors where they are known, a truncated SVD otherwise), with a report of
+  what each module keeps (:mod:`lora_optim.interop.peft_adapter`);
+* :func:`load_peft_adapter`: merge a PEFT adapter and continue training from its factors;
+* :func:`unmerge_`: put the weights back to their base (:mod:`lora_optim.interop.unmerge`).
+
+Everything here goes through the optimizer's public surface (``param_groups``, ``state``,
+:meth:`~lora_optim.LoRAAdam.weight_change_factors`,
+:meth:`~lora_optim.LoRAAdam.initial_factors`, :meth:`~lora_optim.LoRAAdam.factor_scale`,
+:meth:`~lora_optim.LoRAAdam.set_factors`). The recipes, including ``transformers.Trainer``, are
+in ``docs/interop.md``.
+"""
+
+from lora_optim.interop.peft_adapter import (
+    AdapterExport,
+    AdapterImport,
+    ModuleExport,
+    export_peft_adapter,
+    load_peft_adapter,
+)
+from lora_optim.interop.unmerge import unmerge_
+
+__all__ = [
+    "export_peft_adapter",
+    "load_peft_adapter",
+    "unmerge_",
+    "AdapterExport",
+    "AdapterImport",
+    "ModuleExport",
+]
