@@ -34,7 +34,9 @@ The first table is not a timing: it is the *GPU shape* of one step of many matri
 with :class:`lora_optim.dispatch_count.DispatchCounter` on the torch path (native kernels off,
 the path every GPU takes): aten ops and host syncs per step of 64 weight matrices (32 of
 1024×1024 and 32 of 1024×2816, rank 8), for every projection and precision and for the peers,
-each at its third step (no first-step work). On an accelerator each op is a kernel launch (views
+each at its third step (no first-step work), with an accelerator's block size
+(:func:`lora_optim.kernels.paths.accelerator_paths`: one block per weight, where the CPU path
+cuts bf16 temporaries into 1 MiB blocks). On an accelerator each op is a kernel launch (views
 aside) and each sync stalls the host.
 
 Run ``python benchmarks/step.py`` (``--quick``: small shapes, fewer repeats; ``--ops-only``:
@@ -69,6 +71,7 @@ from _common import (  # noqa: E402
 from lora_optim import LoRAAdam, optimizer_state_bytes  # noqa: E402
 from lora_optim.dispatch_count import DispatchCounter  # noqa: E402
 from lora_optim.kernels import native_kernels, use_native  # noqa: E402
+from lora_optim.kernels.paths import accelerator_paths  # noqa: E402
 from lora_optim.nonfinite import finite_flags  # noqa: E402
 
 SHAPES = [(256, 256), (1024, 1024), (4096, 4096), (4096, 11008), (11008, 4096)]
@@ -237,7 +240,7 @@ def _count_step(make: Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer
     params = [torch.nn.Parameter((torch.randn(shape, generator=generator) * 0.02).to(dtype)) for shape in shapes]
     grads = [(torch.randn(shape, generator=generator) * 1e-3).to(dtype) for shape in shapes]
     optimizer = make(params)
-    with use_native(False), warnings.catch_warnings():
+    with use_native(False), accelerator_paths(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for step in range(3):
             for param, grad in zip(params, grads):

@@ -17,10 +17,11 @@ What is checked, for every parameter that has a gradient this step: ``G`` itself
 projected gradients: that a NaN in ``G`` reaches ``s·G·Bᵀ`` holds only for IEEE products with
 no zero-skipping, which depends on the BLAS and on the projection), the factor gradients, and
 the factors' Adam moments (a state that overflowed earlier must not reach ``W``). Each list of
-tensors of one device and dtype costs one fused reduction, ``torch._foreach_norm(·, inf)`` (the
-largest magnitude: NaN propagates, ``±Inf`` shows, and unlike a sum it cannot overflow, so there
-are no false alarms), and all answers of a device are read back together by
-:class:`FiniteCheck`: one host sync per device per step, whatever the number of parameters.
+tensors of one device and dtype costs one fused reduction, ``torch._foreach_norm(·, 2)`` (NaN and
+``±Inf`` propagate), and all answers of a device are read back together by
+:class:`FiniteCheck`: one host sync per device per step, whatever the number of parameters. A
+2-norm overflows on finite entries above ~1e19 (fp32); the tensors it flags are then checked
+exactly (``torch.aminmax``: no sum, no overflow) in a second read, so there are no false alarms.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor
+
+from lora_optim.kernels.paths import cpu_paths
 
 __all__ = [
     "NONFINITE_POLICIES",
@@ -74,9 +77,13 @@ class FiniteCheck:
 
     ``add(key, tensors)`` registers tensors under a hashable ``key`` (a key is finite if all its
     tensors are); ``add_flag(key, ok)`` registers a 0-dim bool tensor computed elsewhere on the
-    device (e.g. ``found_inf == 0`` of a ``GradScaler``). :meth:`read` then runs one
-    ``torch._foreach_norm(·, inf)`` per list of one device and dtype and copies the device's
-    answers to the host in one transfer: the only host sync of the check.
+    device (e.g. ``found_inf == 0`` of a ``GradScaler``). :meth:`read` screens every list of
+    one device and dtype with one ``torch._foreach_norm`` (the 2-norm: NaN and ``±Inf``
+    propagate, and it runs at memory speed on every device, where the inf-norm does not on the
+    CPU) and copies the device's answers to the host in one transfer: the only host sync of a
+    step with finite gradients. A 2-norm can overflow on finite values (entries above ~1e19 in
+    fp32); only then are the tensors it flagged checked again exactly, one ``torch.aminmax``
+    each, in a second read, so a huge but finite gradient is never taken for a NaN.
 
     ``add(key, tensors, group=g)`` checks tensors that are one rank's part of something sharded
     over the process group ``g`` (FSDP2): their answers are combined over the ranks of ``g`` by
@@ -85,8 +92,7 @@ class FiniteCheck:
     """
 
     def __init__(self) -> None:
-        self._tensors: dict[tuple[torch.device, torch.dtype], list[tuple[object, Tensor]]] = {}
-        self._grouped: dict[object, list[tuple[object, Tensor]]] = {}
+        self._entries: list[tuple[object, Tensor, object]] = []  # (key, tensor, group)
         self._flags: dict[torch.device, list[tuple[object, Tensor]]] = {}
         self._keys: list[object] = []
 
@@ -97,56 +103,84 @@ class FiniteCheck:
         for tensor in tensors:
             if group is not None:
                 # Kept even when empty (a rank may hold no rows): the ranks' lists must align.
-                self._grouped.setdefault(group, []).append((key, tensor if tensor.numel() else tensor.new_zeros(1)))
+                self._entries.append((key, tensor if tensor.numel() else tensor.new_zeros(1), group))
             elif tensor.numel():
-                self._tensors.setdefault((tensor.device, tensor.dtype), []).append((key, tensor))
+                self._entries.append((key, tensor, None))
 
     def add_flag(self, key: object, ok: Tensor) -> None:
         """``key`` is finite only if the 0-dim bool tensor ``ok`` is true."""
         self._keys.append(key)
         self._flags.setdefault(ok.device, []).append((key, ok.reshape(1)))
 
+    @classmethod
+    def _screen(cls, tensors: list[Tensor]) -> Tensor:
+        """A bool per tensor (one device, one dtype): on an accelerator, its 2-norm is finite (one
+        fused reduction for the list); on the CPU, the exact check (torch's per-tensor reductions
+        are several times faster there than its list version: :mod:`lora_optim.kernels.paths`)."""
+        if cpu_paths(tensors[0].device):
+            return cls._exact(tensors)
+        return torch.stack(torch._foreach_norm(tensors, 2.0)).isfinite()
+
     @staticmethod
-    def _answers(entries: list[tuple[object, Tensor]]) -> tuple[list[object], Tensor]:
-        """Keys and a bool vector (entry is finite), one fused reduction per dtype."""
-        by_dtype: dict[torch.dtype, list[tuple[object, Tensor]]] = {}
-        for key, tensor in entries:
-            by_dtype.setdefault(tensor.dtype, []).append((key, tensor))
-        keys: list[object] = []
-        answers = []
+    def _exact(tensors: list[Tensor]) -> Tensor:
+        """A bool per tensor (one device): its smallest and largest entries are finite."""
+        return torch.stack([torch.stack(torch.aminmax(t)).to(torch.float32) for t in tensors]).isfinite().all(dim=1)
+
+    def _run(self, indices: list[int], check, flags: bool = False) -> dict[object, bool]:
+        """``check`` over the entries ``indices`` (answers keyed by entry index), bucketed as the
+        lists must be, and with ``flags`` the :meth:`add_flag` flags (keyed by their key, as
+        ``("flag", key)``); one host read per device, after one all-reduce per process group for
+        the grouped entries."""
+        buckets: dict[tuple, list[int]] = {}
+        for index in indices:
+            _, tensor, group = self._entries[index]
+            bucket = ("group", id(group), tensor.dtype) if group is not None else ("local", tensor.device, tensor.dtype)
+            buckets.setdefault(bucket, []).append(index)
+        per_device: dict[torch.device, tuple[list[int], list[Tensor]]] = {}
+        grouped: dict[int, tuple[object, list[int], list[Tensor]]] = {}
         with torch.no_grad():
-            for same in by_dtype.values():
-                keys.extend(key for key, _ in same)
-                answers.append(torch.stack(torch._foreach_norm([t for _, t in same], float("inf"))).isfinite())
-        return keys, (answers[0] if len(answers) == 1 else torch.cat(answers))
+            for bucket, members in buckets.items():
+                ok = check([self._entries[i][1] for i in members])
+                if bucket[0] == "group":
+                    group = self._entries[members[0]][2]
+                    _, order, answers = grouped.setdefault(id(group), (group, [], []))
+                    order.extend(members)
+                    answers.append(ok)
+                else:
+                    order, answers = per_device.setdefault(ok.device, ([], []))
+                    order.extend(members)
+                    answers.append(ok)
+            for group, members, answers in grouped.values():
+                bad = (~torch.cat(answers)).to(torch.float32)
+                torch.distributed.all_reduce(bad, group=group)  # a NaN on any rank is a NaN on every rank
+                order, device_answers = per_device.setdefault(bad.device, ([], []))
+                order.extend(members)
+                device_answers.append(bad == 0)
+            for device, entries in (self._flags.items() if flags else ()):
+                order, device_answers = per_device.setdefault(device, ([], []))
+                order.extend(("flag", key) for key, _ in entries)
+                device_answers.append(torch.cat([ok for _, ok in entries]))
+        result: dict[object, bool] = {}
+        for order, answers in per_device.values():
+            joined = answers[0] if len(answers) == 1 else torch.cat(answers)
+            # A device-to-host read (a copy even on the CPU, so that a TorchDispatchMode counting
+            # syncs sees it).
+            result.update(zip(order, joined.to("cpu", copy=True).tolist()))
+        return result
 
     def read(self) -> dict[object, bool]:
-        """``{key: all finite}`` for every key added; one host transfer per device."""
+        """``{key: all finite}`` for every key added: one host transfer per device, and a second
+        one only when the screen flagged something (see the class docstring)."""
         result = {key: True for key in self._keys}
-        per_device: dict[torch.device, tuple[list[object], list[Tensor]]] = {}
-        for (device, _), entries in self._tensors.items():
-            keys, answers = per_device.setdefault(device, ([], []))
-            entry_keys, ok = self._answers(entries)
-            keys.extend(entry_keys)
-            answers.append(ok)
-        for group, entries in self._grouped.items():
-            entry_keys, ok = self._answers(entries)
-            bad = (~ok).to(torch.float32)
-            torch.distributed.all_reduce(bad, group=group)  # a NaN on any rank is a NaN on every rank
-            keys, answers = per_device.setdefault(bad.device, ([], []))
-            keys.extend(entry_keys)
-            answers.append(bad == 0)
-        for device, entries in self._flags.items():
-            keys, answers = per_device.setdefault(device, ([], []))
-            keys.extend(key for key, _ in entries)
-            answers.append(torch.cat([ok for _, ok in entries]))
-        for keys, answers in per_device.values():
-            joined = answers[0] if len(answers) == 1 else torch.cat(answers)
-            # The one device-to-host read of the step (a copy even on the CPU, so it is visible
-            # to a TorchDispatchMode counting syncs).
-            for key, ok in zip(keys, joined.to("cpu", copy=True).tolist()):
+        screened = self._run(list(range(len(self._entries))), self._screen, flags=True)
+        for index, ok in screened.items():
+            if isinstance(index, tuple) and not ok:  # a flag
+                result[index[1]] = False
+        suspects = [index for index, ok in screened.items() if not ok and not isinstance(index, tuple)]
+        if suspects:
+            for index, ok in self._run(suspects, self._exact).items():
                 if not ok:
-                    result[key] = False
+                    result[self._entries[index][0]] = False
         return result
 
 

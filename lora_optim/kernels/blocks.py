@@ -15,6 +15,8 @@ from collections.abc import Iterator
 
 import torch
 
+from lora_optim.kernels.paths import cpu_paths
+
 __all__ = ["CPU_BLOCK_BYTES", "DEVICE_BLOCK_BYTES", "block_bytes", "row_blocks"]
 
 #: Size of one block of rows in the compute dtype on the CPU.
@@ -24,8 +26,9 @@ DEVICE_BLOCK_BYTES = 1 << 28
 
 
 def block_bytes(device: torch.device) -> int:
-    """Bytes of one block of rows on ``device`` (see the module docstring)."""
-    return CPU_BLOCK_BYTES if torch.device(device).type == "cpu" else DEVICE_BLOCK_BYTES
+    """Bytes of one block of rows on ``device`` (see the module docstring; an accelerator's size
+    within :func:`lora_optim.kernels.paths.accelerator_paths`)."""
+    return CPU_BLOCK_BYTES if cpu_paths(device) else DEVICE_BLOCK_BYTES
 
 
 def row_blocks(
