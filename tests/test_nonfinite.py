@@ -233,3 +233,19 @@ def test_grad_scaler_loop_equals_the_plain_loop_and_skips_inf_steps(projection):
     assert opt.nonfinite_skips() == 0
     for a, b in zip(model.parameters(), plain_model.parameters()):
         assert torch.equal(a, b)
+
+
+def test_accelerator_screen_rechecks_what_its_norm_flags():
+    """On an accelerator the check is one 2-norm per list; a norm that overflows on finite
+    entries is checked again exactly (a second read, only then), so it is no false alarm."""
+    from lora_optim.dispatch_count import DispatchCounter
+    from lora_optim.kernels.paths import accelerator_paths
+
+    huge = torch.full((64, 64), 3.0e38)
+    with accelerator_paths():
+        with DispatchCounter() as counter:
+            assert finite_flags([torch.ones(5), torch.randn(4, 4)]) == [True, True]
+        assert counter.syncs == 1 and counter.ops["aten._foreach_norm.Scalar"] == 1
+        with DispatchCounter() as counter:
+            assert finite_flags([huge, torch.tensor([1.0, float("nan")]), torch.ones(3)]) == [True, False, True]
+        assert counter.syncs == 2
