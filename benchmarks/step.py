@@ -387,11 +387,11 @@ def main() -> None:
         parser.add_argument("--ops-only", action="store_true", help="only the op and sync counts (no timing)")
 
     args = parse_args("Optimizer step vs roofline and peers", repeats=15, quick_repeats=5, extra=extra)
+    before = machine_info()  # before any work of this script, so its load is the machine's, not ours
     ops = op_count_table(args.quick)
     if args.ops_only:
         print(ops)
         return
-    before = machine_info()
     kernels = native_kernels()
     shapes = QUICK_SHAPES if args.quick else SHAPES
     cases = []
