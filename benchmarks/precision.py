@@ -20,9 +20,9 @@ run with an fp32 weight (``nearest``, exact up to fp32 rounding).
 **Memory** (``4096×4096`` bf16, rank 8; ``--quick``: ``1024×1024``): state bytes kept by the
 optimizer for the matrix (``optimizer_state_bytes``), and the peak extra resident memory during
 one step, measured in a fresh process per mode (peak RSS reset through ``/proc/self/clear_refs``,
-``MALLOC_MMAP_THRESHOLD_=65536`` so freed buffers leave the resident set), with the change
-handed to the writer as the optimizer does (row blocks) and as a plain callable (a full-size
-buffer). **Time** per step for the same matrix, interleaved medians.
+``MALLOC_MMAP_THRESHOLD_=65536`` so freed buffers leave the resident set); writers receive the
+change as a :class:`~lora_optim.weight_change.WeightDelta` and add it block of rows by block of
+rows. **Time** per step for the same matrix, interleaved medians.
 
 Run ``python benchmarks/precision.py`` (``--quick``: ``256×256`` accuracy runs, fewer seeds and
 repeats; ``--threads N``); results go to ``benchmarks/results/precision.md`` and ``precision.png``.
@@ -55,7 +55,7 @@ from _common import (  # noqa: E402
 )
 
 from lora_optim import LoRAAdam, optimizer_state_bytes  # noqa: E402
-from lora_optim.precision import CompensatedWriter, get_writer, register_writer  # noqa: E402
+from lora_optim.precision import CompensatedWriter, register_writer  # noqa: E402
 
 RANK, ALPHA, STEPS = 8, 16.0, 1000
 LRS = (1e-5, 1e-4, 1e-3)
@@ -140,20 +140,12 @@ def _rss_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def child_memory(precision: str, size: int, plain: str) -> None:
+def child_memory(precision: str, size: int) -> None:
     """In a fresh process: state bytes and the peak extra resident memory of one step."""
     gen = torch.Generator().manual_seed(0)
     weight = nn.Parameter(torch.empty(size, size, dtype=torch.bfloat16).normal_(0, 0.02, generator=gen))
     weight.grad = torch.empty(size, size, dtype=torch.bfloat16).normal_(0, 1, generator=gen)
     opt = LoRAAdam([weight], rank=RANK, precision=precision)
-    if plain == "1":  # hand the writer a plain callable instead of the row-block interface
-        writer = get_writer(precision)
-        original = writer.write_
-
-        def plain_write(weight_, state, add_delta, compute_dtype):
-            original(weight_, state, lambda buffer: add_delta(buffer), compute_dtype)
-
-        writer.write_ = plain_write
     for _ in range(2):
         opt.step()
     gc.collect()
@@ -169,23 +161,20 @@ def memory_rows(size: int) -> list[list[str]]:
     rows = []
     weight_bytes = size * size * 2
     for precision in ("nearest", "stochastic", "compensated"):
-        measured = {}
-        for plain in ("0", "1"):
-            env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
-            out = subprocess.run(
-                [sys.executable, __file__, "--child-memory", precision, str(size), plain, "--threads",
-                 str(torch.get_num_threads())],
-                check=True, capture_output=True, text=True, env=env,
-            ).stdout
-            measured[plain] = json.loads(out.strip().splitlines()[-1])
+        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+        out = subprocess.run(
+            [sys.executable, __file__, "--child-memory", precision, str(size), "--threads",
+             str(torch.get_num_threads())],
+            check=True, capture_output=True, text=True, env=env,
+        ).stdout
+        measured = json.loads(out.strip().splitlines()[-1])
         factors = 3 * RANK * (size + size) * 4
-        kept = measured["0"]["state_bytes"] - factors
+        kept = measured["state_bytes"] - factors
         rows.append([
             precision,
-            f"{measured['0']['state_bytes'] / 2**20:.2f}",
+            f"{measured['state_bytes'] / 2**20:.2f}",
             f"{kept / 2**20:.2f} ({kept / weight_bytes:.0%} of W)",
-            f"{measured['0']['peak_extra_bytes'] / 2**20:.1f}",
-            f"{measured['1']['peak_extra_bytes'] / 2**20:.1f}",
+            f"{measured['peak_extra_bytes'] / 2**20:.1f}",
         ])
     return rows
 
@@ -227,7 +216,7 @@ def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child-memory":
         if "--threads" in sys.argv:
             torch.set_num_threads(int(sys.argv[sys.argv.index("--threads") + 1]))
-        child_memory(sys.argv[2], int(sys.argv[3]), sys.argv[4])
+        child_memory(sys.argv[2], int(sys.argv[3]))
         return
     args = parse_args("bf16 write modes: accuracy, memory, time", repeats=11, quick_repeats=3)
     warnings.simplefilter("ignore")
@@ -253,8 +242,7 @@ def main() -> None:
         "Peak extra = peak resident memory during one step above the resident memory before it "
         "(the whole step: projection, Adam, write), in a fresh process per mode.\n\n"
         + markdown_table(
-            ["write mode", "state kept (MiB)", "added by the mode (MiB)", "peak extra during a step (MiB)",
-             "same, plain-callable path (MiB)"],
+            ["write mode", "state kept (MiB)", "added by the mode (MiB)", "peak extra during a step (MiB)"],
             memory,
         )
         + f"\n## Time per step: {memory_size}×{memory_size} bf16 W, rank {RANK} "
