@@ -45,7 +45,9 @@ __all__ = [
     "save_results",
 ]
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+#: Where results go: ``benchmarks/results``, or the folder named by ``LORA_OPTIM_RESULTS_DIR``
+#: (the smoke tests of ``tests/test_benchmarks.py`` write there, not over the committed files).
+RESULTS_DIR = Path(os.environ.get("LORA_OPTIM_RESULTS_DIR") or Path(__file__).resolve().parent / "results")
 
 
 def parse_args(description: str, *, repeats: int = 15, quick_repeats: int = 5,

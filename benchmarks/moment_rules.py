@@ -42,7 +42,7 @@ import torch
 from lora_optim.demo import METHODS, DemoConfig, Method, RunResult, lora_optim_builder, run_demo
 from lora_optim.moment_rules import MOMENT_RULES
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(os.environ.get("LORA_OPTIM_RESULTS_DIR") or Path(__file__).resolve().parent / "results")
 
 
 def _label(every: int, rule: str) -> str:

@@ -36,7 +36,7 @@ import torch
 
 from lora_optim.demo import METHODS, DemoConfig, RunResult, run_demo
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(os.environ.get("LORA_OPTIM_RESULTS_DIR") or Path(__file__).resolve().parent / "results")
 PROJECTIONS = ("lora", "random", "additive")
 
 

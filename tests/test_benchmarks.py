@@ -1,0 +1,56 @@
+"""Smoke runs of the benchmark scripts (slow: ``pytest -m slow``).
+
+Benchmarks are not tests, but a script that no longer runs against the library is a defect
+found too late (``benchmarks/precision.py`` once called the writers through an interface the
+step engine had replaced). Each script runs here in a fresh interpreter with its short setting
+(``--quick`` where it has one), its results redirected by ``LORA_OPTIM_RESULTS_DIR`` to a
+temporary folder so the committed tables are never overwritten; the test checks that it exits
+cleanly and writes its markdown table (the numbers of a smoke run mean nothing).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+#: script -> (arguments, the result file it writes, or None where a smoke run writes none)
+RUNS = {
+    "step": (["--quick", "--repeats", "2"], "step.md"),
+    "e2e": (["--quick", "--models", "minilm", "--rounds", "1"], "e2e.md"),
+    "precision": (["--quick"], "precision.md"),
+    "svd_init": (["--quick"], "svd_init.md"),
+    "moment_rules": (["--quick"], "moment_rules.md"),
+    "ranks": (["--quick"], "ranks.md"),
+    "adapter_export": (["--quick"], None),
+    "communication": ([], "communication.md"),
+    "communication_estimate": ([], "communication_estimate.md"),
+}
+
+
+@pytest.mark.parametrize("script", sorted(RUNS))
+def test_benchmark_script_runs(script, tmp_path):
+    arguments, result = RUNS[script]
+    env = dict(os.environ, LORA_OPTIM_RESULTS_DIR=str(tmp_path), MPLBACKEND="Agg")
+    done = subprocess.run([sys.executable, str(BENCHMARKS / f"{script}.py"), *arguments], cwd=BENCHMARKS.parent,
+                          env=env, capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "|---" in done.stdout, done.stdout[-2000:]  # a markdown table was printed
+    if result is not None:
+        assert (tmp_path / result).read_text(encoding="utf-8").startswith("# ")
+
+
+def test_results_folder_can_be_redirected(tmp_path):
+    """The redirection the smoke runs rely on: without it they would overwrite committed files."""
+    code = "import _common, sys; print(_common.RESULTS_DIR)"
+    env = dict(os.environ, LORA_OPTIM_RESULTS_DIR=str(tmp_path))
+    out = subprocess.run([sys.executable, "-c", code], cwd=BENCHMARKS, env=env, capture_output=True, text=True,
+                         check=True).stdout.strip()
+    assert Path(out) == tmp_path
