@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import math
 import os
 import platform
 import statistics
@@ -41,6 +42,7 @@ __all__ = [
     "quartiles",
     "fmt_ms",
     "fmt_ratio",
+    "mean_std",
     "markdown_table",
     "save_results",
 ]
@@ -163,6 +165,16 @@ def fmt_ms(seconds: float) -> str:
 def fmt_ratio(value: float) -> str:
     """A ratio with 2 decimals (or 3 significant digits when large)."""
     return f"{value:.2f}" if value < 100 else f"{value:.0f}"
+
+
+def mean_std(values: Sequence[float], digits: int = 3) -> str:
+    """``mean ± sample std`` of ``values`` (the mean alone for one value); ``nan (diverged)``
+    when any value is not finite (a run whose loss blew up)."""
+    if not all(math.isfinite(v) for v in values):
+        return "nan (diverged)"
+    if len(values) < 2:
+        return f"{statistics.fmean(values):.{digits}f}"
+    return f"{statistics.fmean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

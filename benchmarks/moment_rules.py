@@ -31,7 +31,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import time
@@ -42,30 +41,12 @@ import torch
 from lora_optim.demo import METHODS, DemoConfig, Method, RunResult, lora_optim_builder, run_demo
 from lora_optim.moment_rules import MOMENT_RULES
 
-RESULTS = Path(os.environ.get("LORA_OPTIM_RESULTS_DIR") or Path(__file__).resolve().parent / "results")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import RESULTS_DIR, machine_info, mean_std  # noqa: E402
 
 
 def _label(every: int, rule: str) -> str:
     return f"random every={every} {rule}"
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _mean_std(values: list[float]) -> str:
-    if not all(math.isfinite(v) for v in values):
-        return "nan (diverged)"
-    if len(values) < 2:
-        return f"{statistics.fmean(values):.3f}"
-    return f"{statistics.fmean(values):.3f} ± {statistics.stdev(values):.3f}"
 
 
 def summarize(results: dict[tuple[int, str], list[RunResult]], seeds: list[int]) -> list[dict]:
@@ -97,13 +78,13 @@ def markdown(rows: list[dict], info: dict) -> str:
         "|---:|---|---:|---:|---:|---|",
     ]
     for row in rows:
-        diff = _mean_std(row["diff"]) if row["rule"] != "keep" and row["diff"] else "—"
+        diff = mean_std(row["diff"]) if row["rule"] != "keep" and row["diff"] else "—"
         per_seed = ", ".join(f"{a:.3f}" for a in row["acc"])
         diverged = sum(not math.isfinite(x) for x in row["loss"])
         if diverged:
             per_seed += f" (loss non-finite in {diverged}/{len(row['loss'])} seeds)"
-        lines.append(f"| {row['every']} | {row['rule']} | {_mean_std(row['acc'])} | {diff} | "
-                     f"{_mean_std(row['loss'])} | {per_seed} |")
+        lines.append(f"| {row['every']} | {row['rule']} | {mean_std(row['acc'])} | {diff} | "
+                     f"{mean_std(row['loss'])} | {per_seed} |")
     return "\n".join(lines) + "\n"
 
 
@@ -145,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-split", choices=("test", "validation"), default="test",
                         help="score on the held-out docstrings, or on 100 held-back training ones (lr checks)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 4 steps, seed 0, small subsets")
-    parser.add_argument("--out", type=Path, default=RESULTS, help="folder for moment_rules.md / .png")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="folder for moment_rules.md / .png")
     args = parser.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -170,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     info = dict(command="python benchmarks/moment_rules.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                 steps=base.steps, batch=base.batch_size, max_length=base.max_length, lr=args.lr, seeds=seeds,
                 n_eval=base.eval_subset or (150 if base.eval_split == "test" else 100), n_loss=base.loss_examples,
-                eval_name="held-out" if base.eval_split == "test" else "validation", cpu=_cpu_name(), cores=os.cpu_count(), torch=torch.__version__,
+                eval_name="held-out" if base.eval_split == "test" else "validation", cpu=machine_info()["cpu"], cores=os.cpu_count(), torch=torch.__version__,
                 threads=torch.get_num_threads(), load_before=", ".join(f"{x:.2f}" for x in os.getloadavg()))
     start = time.perf_counter()
     results: dict[tuple[int, str], list[RunResult]] = {key: [] for key in configs}

@@ -24,9 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
-import platform
 import statistics
 import sys
 import time
@@ -36,27 +34,10 @@ import torch
 
 from lora_optim.demo import METHODS, DemoConfig, RunResult, run_demo
 
-RESULTS = Path(os.environ.get("LORA_OPTIM_RESULTS_DIR") or Path(__file__).resolve().parent / "results")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import RESULTS_DIR, machine_info, mean_std  # noqa: E402
+
 PROJECTIONS = ("lora", "random", "additive")
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _mean_std(values: list[float], digits: int = 3) -> str:
-    if not all(math.isfinite(v) for v in values):
-        return "nan (diverged)"
-    if len(values) < 2:
-        return f"{statistics.fmean(values):.{digits}f}"
-    return f"{statistics.fmean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
 def summarize(results: dict[tuple[str, int], list[RunResult]]) -> list[dict]:
@@ -87,8 +68,8 @@ def markdown(rows: list[dict], info: dict) -> str:
     ]
     for row in rows:
         per_seed = ", ".join(f"{a:.3f}" for a in row["acc"])
-        lines.append(f"| {row['projection']} | {row['rank']} | {row['lr']:g} | {_mean_std(row['acc'])} | "
-                     f"{_mean_std(row['loss'])} | {row['state_mib']:.2f} | {row['opt_step_ms']:.1f} | {per_seed} |")
+        lines.append(f"| {row['projection']} | {row['rank']} | {row['lr']:g} | {mean_std(row['acc'])} | "
+                     f"{mean_std(row['loss'])} | {row['state_mib']:.2f} | {row['opt_step_ms']:.1f} | {per_seed} |")
     return "\n".join(lines) + "\n"
 
 
@@ -125,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--quick", action="store_true", help="smoke run: 3 steps, seed 0, ranks 2 and 8")
-    parser.add_argument("--out", type=Path, default=RESULTS, help="folder for ranks.md / .json / .png")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="folder for ranks.md / .json / .png")
     args = parser.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -145,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         base = DemoConfig(steps=args.steps)
     info = dict(command="python benchmarks/ranks.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                 steps=base.steps, batch=base.batch_size, max_length=base.max_length, seeds=seeds,
-                n_eval=base.eval_subset or 150, n_loss=base.loss_examples, cpu=_cpu_name(), cores=os.cpu_count(),
+                n_eval=base.eval_subset or 150, n_loss=base.loss_examples, cpu=machine_info()["cpu"], cores=os.cpu_count(),
                 torch=torch.__version__, threads=torch.get_num_threads(),
                 load_before=", ".join(f"{x:.2f}" for x in os.getloadavg()))
     start = time.perf_counter()
