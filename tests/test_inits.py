@@ -170,6 +170,24 @@ def _net():
     return model, x, y
 
 
+def _follow_graph_twin(ours, opt, twin, loss_fn, x, named, steps=40):
+    """``steps`` steps of ``opt`` on ``ours`` and of the graph ``twin``, asserting after each that the
+    losses and every parameter agree to ``TOL``; returns the twin's losses."""
+    twin_losses = []
+    for step in range(steps):
+        loss = loss_fn(ours(x))
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        twin_loss = twin.step(loss_fn, x)
+        twin_losses.append(twin_loss)
+        assert abs(loss.item() - twin_loss) <= TOL * abs(twin_loss), (step, loss.item(), twin_loss)
+        weights = twin.weights()
+        for name, param in named.items():
+            assert _rel(param, weights[name]) <= TOL, (step, name)
+    return twin_losses
+
+
 @pytest.mark.parametrize("init", ["pissa", "minor"])
 def test_pissa_and_minor_train_as_the_graph_twin(init):
     """``W = W_res + s·A·B`` with ``W_res = W0 − s·A0·B0`` trained by torch AdamW (autograd) equals
@@ -186,19 +204,8 @@ def test_pissa_and_minor_train_as_the_graph_twin(init):
     hyper = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.01)
     twin = GraphTwin(model, factors, dense, [{"names": names, **hyper}, {"names": dense, **hyper}])
     loss_fn = lambda logits: nn.functional.cross_entropy(logits, y)  # noqa: E731
-    first = None
-    for step in range(40):
-        loss = loss_fn(ours(x))
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        twin_loss = twin.step(loss_fn, x)
-        first = twin_loss if first is None else first
-        assert abs(loss.item() - twin_loss) <= TOL * abs(twin_loss), (step, loss.item(), twin_loss)
-        weights = twin.weights()
-        for name, param in named.items():
-            assert _rel(param, weights[name]) <= TOL, (step, name)
-    assert twin_loss < 0.9 * first
+    twin_losses = _follow_graph_twin(ours, opt, twin, loss_fn, x, named)
+    assert twin_losses[-1] < 0.9 * twin_losses[0]
 
 
 # ----------------------------------------------------------------------------- gradient init
@@ -264,16 +271,7 @@ def test_gradient_init_first_step_and_trajectory_equal_the_explicit_computation(
     hyper = dict(lr=lr, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.0)
     twin = GraphTwin(model, factors, dense, [{"names": names, **hyper}, {"names": dense, **hyper}])
     twin.step(loss_fn, x)
-    for step in range(40):
-        loss = loss_fn(ours(x))
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        twin_loss = twin.step(loss_fn, x)
-        assert abs(loss.item() - twin_loss) <= TOL * abs(twin_loss), (step, loss.item(), twin_loss)
-        weights = twin.weights()
-        for name, param in named.items():
-            assert _rel(param, weights[name]) <= TOL, (step, name)
+    _follow_graph_twin(ours, opt, twin, loss_fn, x, named)
 
 
 def test_gradient_init_is_invariant_to_a_grad_scaler_and_leaves_the_rng_alone():

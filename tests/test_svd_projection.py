@@ -82,6 +82,18 @@ class GaLoreTwin:
         self.t += 1
 
 
+def _step_both(ours, opt, model, twins, batch):
+    """One step of ``LoRAAdam`` on ``ours`` and of each explicit GaLore twin on ``model``'s weights."""
+    _loss(ours, batch).backward()
+    opt.step()
+    opt.zero_grad()
+    for twin in twins:
+        twin.weight.grad = None
+    _loss(model, batch).backward()
+    for twin in twins:
+        twin.step(twin.weight.grad.detach())
+
+
 @pytest.mark.parametrize("rule", ["keep", "reset", "transport"])
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])
 def test_matches_the_explicit_galore_loop(rule, weight_decay):
@@ -99,15 +111,7 @@ def test_matches_the_explicit_galore_loop(rule, weight_decay):
     assert [t.left for t in twins] == [False, True, True]
     first = _loss(model, batches[0]).item()
     for step in range(12):
-        batch = batches[step % len(batches)]
-        _loss(ours, batch).backward()
-        opt.step()
-        opt.zero_grad()
-        for w in twin_weights:
-            w.grad = None
-        _loss(model, batch).backward()
-        for w, twin in zip(twin_weights, twins):
-            twin.step(w.grad.detach())
+        _step_both(ours, opt, model, twins, batches[step % len(batches)])
         for mine, theirs, start in zip(weights, twin_weights, initial):
             assert _rel(mine, theirs) <= TOL, (step, tuple(mine.shape), _rel(mine, theirs))
             # the learnt change itself, not only W
@@ -129,15 +133,7 @@ def test_the_explicit_loop_comparison_can_fail():
     twins = [GaLoreTwin(w, 3, 4, 0.5, rule="keep", **hyper) for w in twin_weights]
     worst = 0.0
     for step in range(6):
-        batch = batches[step % len(batches)]
-        _loss(ours, batch).backward()
-        opt.step()
-        opt.zero_grad()
-        for w in twin_weights:
-            w.grad = None
-        _loss(model, batch).backward()
-        for w, twin in zip(twin_weights, twins):
-            twin.step(w.grad.detach())
+        _step_both(ours, opt, model, twins, batches[step % len(batches)])
         worst = max(worst, max(_rel(a, b) for a, b in zip(weights, twin_weights)))
     assert worst > 1e-6
 
