@@ -19,19 +19,21 @@ and ``δY`` instead. With ``W.requires_grad = False`` autograd neither runs that
 weight is a low-rank parameter of the optimizer (and requires grad) it
 
 * sets ``weight.requires_grad = False`` (``handle.detach()`` restores it);
-* registers a forward hook that keeps the layer's input ``X`` and returns the output as
-  ``Y' = Y + a``, where ``a`` is a fresh zero scalar leaf that requires grad. ``Y'`` is a tensor of
+* registers a forward hook that keeps the layer's input ``X`` and returns the output through a
+  *tap*: an autograd function of ``(Y, a)``, with ``a`` a fresh zero scalar leaf that requires
+  grad, whose result ``Y'`` shares ``Y``'s memory (no copy, no arithmetic) but is a tensor of
   the mode's own, so changing it in place later (``nn.ReLU(inplace=True)``, ``y += 1``, in-place
-  dropout) leaves the node that made it, and the gradient that node receives, intact;
-* takes ``δY`` in a hook on that node, and adds the factor gradients to the step's sums
+  dropout) leaves the tap, and the gradient it receives, intact;
+* takes ``δY`` in the tap's backward (which passes it on unchanged and gives ``a`` a zero
+  gradient), and adds the factor gradients to the step's sums
   (:meth:`LoRAAdam.accumulate_activation_grad_ <lora_optim.LoRAAdam.accumulate_activation_grad_>`,
   :mod:`lora_optim.accumulation`) only when autograd accumulates into the leaf ``a``, which
   happens exactly when a plain backward would accumulate into ``W.grad``: ``loss.backward()``,
   but not ``torch.autograd.grad(loss, x)`` or ``loss.backward(inputs=[x])``. Then ``X`` is
   released.
 
-The extra cost is one elementwise add per layer call in the forward and one reduction (``a``'s
-gradient) in the backward.
+The extra cost is one autograd node per layer call and a zero scalar in the backward: no
+output-sized tensor is made and nothing is reduced.
 
 A layer called several times in one forward (weight sharing) adds one piece per call, and
 micro-batches add up until ``opt.step()``, which steps through the same engine as the plain
@@ -114,6 +116,25 @@ class _Piece:
         self.inputs: Tensor | None = inputs
         self.version = inputs._version
         self.output_grads: Tensor | None = None
+
+
+class _OutputTap(torch.autograd.Function):
+    """``Y' = Y`` with ``δY`` taken on the way back (see the module docstring).
+
+    The forward returns an alias of ``Y`` (``Y.detach()``: same memory, not a view in autograd's
+    sense), so ``Y'`` has this node as its own history and may be changed in place later. The
+    backward keeps ``δY`` in the call's piece, passes it on to ``Y`` unchanged, and gives the
+    anchor a zero gradient, whose accumulation then hands the piece to the optimizer."""
+
+    @staticmethod
+    def forward(ctx: Any, output: Tensor, anchor: Tensor, piece: _Piece) -> Tensor:
+        ctx.piece = piece
+        return output.detach()
+
+    @staticmethod
+    def backward(ctx: Any, output_grads: Tensor) -> tuple[Tensor | None, Tensor, None]:
+        ctx.piece.output_grads = output_grads  # the anchor's accumulation comes right after
+        return (output_grads if ctx.needs_input_grad[0] else None), output_grads.new_zeros(()), None
 
 
 class ActivationSide:
@@ -233,15 +254,8 @@ class ActivationSide:
         # A fresh leaf per call: autograd accumulates into it exactly when a plain backward would
         # accumulate into W.grad (not for autograd.grad(loss, x) or backward(inputs=[x])).
         anchor = torch.zeros((), dtype=output.dtype, device=output.device, requires_grad=True)
-        tapped = output + anchor
-        tapped.grad_fn.register_hook(functools.partial(self._on_output_grad, piece=piece))
         anchor.register_post_accumulate_grad_hook(functools.partial(self._on_accumulate, piece=piece, p=p, name=name))
-        return tapped
-
-    @staticmethod
-    def _on_output_grad(grad_inputs: tuple[Tensor | None, ...], grad_outputs: tuple[Tensor | None, ...], *,
-                        piece: _Piece) -> None:
-        piece.output_grads = grad_outputs[0]  # δY; the anchor's accumulation comes right after
+        return _OutputTap.apply(output, anchor, piece)
 
     @torch.no_grad()
     def _on_accumulate(self, anchor: Tensor, *, piece: _Piece, p: Tensor, name: str) -> None:

@@ -275,3 +275,47 @@ def test_factor_dtype_for_low_precision_layers():
     opt.step()
     assert state["step"] == 1 and ACCUMULATOR_KEYS[0] not in state
     assert not torch.equal(model[0].weight, before)
+
+
+class _OutputShapedTensors(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts op results of one shape that own new memory (views and aliases are not counted)."""
+
+    def __init__(self, shape) -> None:
+        super().__init__()
+        self.shape = tuple(shape)
+        self.made: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        results = out if isinstance(out, (tuple, list)) else (out,)
+        inputs = {t.untyped_storage().data_ptr() for t in args if isinstance(t, torch.Tensor)}
+        for t in results:
+            if (isinstance(t, torch.Tensor) and tuple(t.shape) == self.shape
+                    and t.untyped_storage().data_ptr() not in inputs):
+                self.made.append(str(func))
+        return out
+
+
+def test_attach_makes_no_output_sized_tensor_and_no_reduction():
+    """The mode's tap adds no output-sized tensor in the forward and no reduction over ``δY`` in the
+    backward: the same output-shaped results as a layer whose weight is frozen (which was not so
+    with ``Y' = Y + a``: an add in the forward, a sum in the backward, per layer call)."""
+    torch.manual_seed(0)
+    layer = nn.Linear(7, 5, bias=False).double()
+    x = torch.randn(3, 4, 7, dtype=torch.float64, requires_grad=True)
+
+    def counted() -> list[str]:
+        with _OutputShapedTensors((3, 4, 5)) as mode:
+            y = layer(x)
+            torch.relu_(y)
+            y.square().sum().backward()
+        return sorted(op for op in mode.made if op != "aten.relu_.default")
+
+    layer.weight.requires_grad_(False)
+    frozen = counted()
+    layer.weight.requires_grad_(True)
+    opt = LoRAAdam(layer.parameters(), rank=2)
+    with opt.attach(layer):
+        attached = counted()
+    assert attached == frozen
+    assert opt.state[layer.weight]  # the piece was taken

@@ -241,6 +241,20 @@ def test_additive_across_blocks(native_on, rows, cols, rank, dtype_name):
     _check_additive(rows, cols, rank, dtype_name, 0, native_on)
 
 
+@pytest.mark.parametrize("native_on", PATHS)
+@pytest.mark.parametrize("rows,cols,rank", [(600, 1000, 8), (64, 3072, 8)])
+def test_factor_gradients_own_their_memory(native_on, rows, cols, rank):
+    """``Aᵀ·G`` of the native pass is summed from per-chunk partial sums; a view of the first
+    partial would keep every chunk's partial (up to 16× the gradient) alive for as long as the
+    gradient is kept (the per-layer mode keeps it until the step)."""
+    grad, A, B, rank = _case(rows, cols, rank, "fp32", 0)
+    with use_native(native_on):
+        grad_A, grad_B = lowrank_project(grad, A, B)
+        fold_A, fold_B = additive_project(grad, rank, torch.float32)
+    for tensor in (grad_A, grad_B, fold_A, fold_B):
+        assert tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size()
+
+
 # ------------------------------------------------------------------ determinism and threads
 
 

@@ -90,8 +90,10 @@ def _chunk_rows(rows: int, work: int, partial_bytes: int = 0) -> int:
 
 
 def _sum_in_order(partials: Tensor) -> Tensor:
-    # A fixed order of additions, whatever torch's reduction kernels would choose.
-    total = partials[0]
+    # A fixed order of additions, whatever torch's reduction kernels would choose. The total is a
+    # tensor of its own: a view of partials[0] would keep every chunk's partial sum alive for as
+    # long as the factor gradient lives (in the per-layer mode's sums, until the step).
+    total = partials[0].clone()
     for partial in partials[1:]:
         total += partial
     return total
