@@ -12,6 +12,12 @@ state (``rank``, ``projection``, ``precision`` resolved for the weight's dtype,
 ``drift_probes``); per parameter the shapes of the saved moments, factors and weight-shaped
 buffers. Every other option (``lr``, ``betas``, ``resample_every``, ...) comes from the
 checkpoint, as in ``torch.optim``.
+
+``precision=None`` in a checkpoint means the default write mode *of the version that wrote it*
+(``compensated`` for bf16/fp16 weights before 0.2, ``stochastic`` since), so a saved parameter's
+mode is read from its state: a Kahan buffer means ``compensated``, a rounding seed
+``stochastic``, neither ``nearest``. A checkpoint of an older bf16 run then loads only into an
+optimizer that asks for its mode (``precision="compensated"``), which resumes it exactly.
 """
 
 from __future__ import annotations
@@ -24,7 +30,15 @@ from torch import Tensor
 from lora_optim.matrix import matrix_shape
 from lora_optim.option_table import COMMON_OPTIONS, STRUCTURAL_OPTIONS
 from lora_optim.precision import default_precision, get_writer
-from lora_optim.state_keys import DRIFT_KEYS, EXP_AVG, EXP_AVG_SQ, MOMENT_KEYS, RANK
+from lora_optim.state_keys import (
+    DRIFT_KEYS,
+    EXP_AVG,
+    EXP_AVG_SQ,
+    MOMENT_KEYS,
+    RANK,
+    ROUNDING_SEED,
+    WEIGHT_COMPENSATION,
+)
 
 __all__ = ["check_loadable"]
 
@@ -34,6 +48,15 @@ _MISSING = {"rank": None, "projection": None, "precision": None, "drift_probes":
 
 def _resolved(option: str, value: Any, p: Tensor) -> Any:
     return default_precision(p.dtype) if option == "precision" and value is None else value
+
+
+def _saved_precision(value: Any, state: Mapping[str, Any] | None, p: Tensor) -> Any:
+    """The write mode a checkpoint's parameter was trained with (see the module docstring)."""
+    if value is not None or state is None or MOMENT_KEYS["A"][0] not in state:
+        return _resolved("precision", value, p)
+    if WEIGHT_COMPENSATION in state:
+        return "compensated"
+    return "stochastic" if ROUNDING_SEED in state else "nearest"
 
 
 def check_loadable(
@@ -63,12 +86,18 @@ def check_loadable(
             where = f"parameter {index} (group {group_index}, shape {tuple(p.shape)})"
             for option in STRUCTURAL_OPTIONS:
                 missing = _MISSING.get(option, COMMON_OPTIONS[option].default)
-                was = _resolved(option, saved.get(option, missing), p)
+                if option == "precision":
+                    was = _saved_precision(saved.get(option, missing), saved_state.get(pid), p)
+                else:
+                    was = _resolved(option, saved.get(option, missing), p)
                 now = _resolved(option, group.get(option, missing), p)
                 if was != now:
+                    hint = (f"; pass precision={was!r} to resume it (the default for {p.dtype} weights is now "
+                            f"{default_precision(p.dtype)!r})" if option == "precision" and saved.get(option) is None
+                            else "")
                     raise ValueError(
                         f"cannot load optimizer state: {where}: {option} was {was!r} in the checkpoint, "
-                        f"the optimizer has {now!r}"
+                        f"the optimizer has {now!r}{hint}"
                     )
             if pid in saved_state:
                 _check_param_state(where, p, group, saved_state[pid], is_low_rank(p, group))

@@ -32,6 +32,7 @@ from lora_optim.matrix import as_matrix, matrix_shape, writable_matrix
 from lora_optim.nonfinite import warn_skipped
 from lora_optim.option_table import (
     COMMON_OPTIONS,
+    STRUCTURAL_OPTIONS,
     all_option_defaults,
     check_option_names,
     validate_group,
@@ -106,9 +107,10 @@ class LoRAAdam(torch.optim.Optimizer):
             as ``torch.optim.AdamW``; a finite number ≥ 0.
         seed: int seed of every random draw (factor inits, redraws). Combined with each
             parameter's position in the optimizer; torch's global RNG is never used.
-        precision: how steps are written into ``W``: ``"nearest"``, ``"compensated"`` (Kahan
-            buffer in ``W``'s dtype) or ``"stochastic"`` (see :mod:`lora_optim.precision`);
-            ``None`` picks ``"compensated"`` for bf16/fp16 weights, ``"nearest"`` otherwise.
+        precision: how steps are written into ``W``: ``"nearest"``, ``"stochastic"`` (unbiased
+            stochastic rounding, nothing kept) or ``"compensated"`` (a Kahan buffer in ``W``'s
+            dtype: +100% of the weight's memory); see :mod:`lora_optim.precision`. ``None`` picks
+            ``"stochastic"`` for bf16/fp16 weights, ``"nearest"`` otherwise.
         nonfinite: what a NaN/Inf gradient does (:mod:`lora_optim.nonfinite`): ``"skip"`` that
             parameter's step, warn and count it (``nonfinite_skips()``), or ``"raise"`` before
             anything changes.
@@ -772,7 +774,12 @@ class LoRAAdam(torch.optim.Optimizer):
         check_loadable(self.param_groups, state_dict, self._trains_low_rank)
         saved_state = state_dict["state"]
         saved_ids = [pid for group in state_dict["param_groups"] for pid in group["params"]]
+        # Structural options were checked to agree (resolved for each weight); keep this
+        # optimizer's own spelling (precision="compensated" for a checkpoint's None).
+        structural = [{name: group[name] for name in STRUCTURAL_OPTIONS if name in group} for group in self.param_groups]
         super().load_state_dict(state_dict)
+        for group, options in zip(self.param_groups, structural):
+            group.update(options)
         self._index.clear()
         params = [p for group in self.param_groups for p in group["params"]]
         for pid, p in zip(saved_ids, params):

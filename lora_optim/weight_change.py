@@ -9,6 +9,10 @@ weight. It adds rows of ``s·(Δ(A', B') − Δ(A, B))`` into any target:
     with a lower precision each element is rounded to nearest once,
     ``target ← round(target + s·ΔW)``.
 
+``delta.product()`` gives the change as a thin product ``L·R`` where the projection can
+(:meth:`Projection.step_product <lora_optim.projections.Projection.step_product>`), so that the
+rounding write modes update ``W`` in one pass.
+
 So ``nearest`` on a bf16 ``W`` is ``delta.add_to_(W)`` (no temporary at all on the CPU, where the
 compiled kernels round in place), and a write mode that needs ``s·ΔW`` itself in full precision
 (compensated, stochastic) takes it one block of rows at a time
@@ -57,6 +61,17 @@ class WeightDelta:
         dtype, or lower precision: then rounded to nearest once per element)."""
         self.projection.add_delta_(target, self.change, self.scale, row_start)
 
+    def product(self, row_start: int = 0, rows: int | None = None) -> tuple[Tensor, Tensor] | None:
+        """``(L, R)`` with ``ΔW = L·R`` on rows ``row_start : row_start + rows`` (so ``s·ΔW`` is
+        ``scale·L·R``), or ``None`` when the change is not a thin product
+        (:meth:`Projection.step_product <lora_optim.projections.Projection.step_product>`)."""
+        return self.projection.step_product(self.change, row_start, rows)
+
+    @property
+    def row_offset(self) -> int:
+        """Global index of the weight's first row (non-zero on a row shard)."""
+        return self.change.row_offset
+
 
 class MaskedWeightDelta(WeightDelta):
     """``(s·(Δ(A', B') − Δ(A, B))) ⊙ M``: the change of a ``preserve_sparsity=True`` parameter
@@ -73,6 +88,10 @@ class MaskedWeightDelta(WeightDelta):
     def __init__(self, projection: Projection, change: FactorChange, scale: float, mask: Tensor) -> None:
         super().__init__(projection, change, scale)
         self.mask = mask
+
+    def product(self, row_start: int = 0, rows: int | None = None) -> None:
+        """``None``: a masked change is not a thin product."""
+        return None
 
     def add_to_(self, target: Tensor, row_start: int = 0) -> None:
         """Add rows ``row_start : row_start + len(target)`` of ``(s·ΔW) ⊙ M`` into ``target``."""

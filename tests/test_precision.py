@@ -17,6 +17,7 @@ from torch import nn
 
 from lora_optim import LoRAAdam, available_writers, optimizer_state_bytes
 from lora_optim.precision import default_precision, get_writer, stochastic_round_
+from lora_optim.kernels import native_kernels, use_native
 
 LOW_PRECISION = [torch.bfloat16, torch.float16]
 
@@ -145,8 +146,11 @@ def _z_scores(errors, expected, starts):
     }
 
 
-def test_stochastic_rounding_has_zero_mean_error_across_seeds():
-    errors, expected, starts = _constant_gradient_errors("stochastic", seeds=range(4))
+@pytest.mark.parametrize("native_on", [True, False])
+def test_stochastic_rounding_has_zero_mean_error_across_seeds(native_on):
+    """Through the optimizer, on both paths (the one-pass native write and the torch path)."""
+    with use_native(native_on):
+        errors, expected, starts = _constant_gradient_errors("stochastic", seeds=range(4))
     z = _z_scores(errors, expected, starts)
     # 4·64·48 = 12,288 independent errors: |z| < 5 fails a correct implementation with p < 1e-6
     assert all(abs(value) < 5 for value in z.values()), z
@@ -157,15 +161,66 @@ def test_stochastic_rounding_has_zero_mean_error_across_seeds():
 
 
 def test_default_precision_by_dtype():
-    assert default_precision(torch.bfloat16) == "compensated"
-    assert default_precision(torch.float16) == "compensated"
+    """bf16/fp16 weights default to stochastic rounding, which keeps nothing of W's size."""
+    assert default_precision(torch.bfloat16) == "stochastic"
+    assert default_precision(torch.float16) == "stochastic"
     assert default_precision(torch.float32) == "nearest"
     assert default_precision(torch.float64) == "nearest"
-    weight = nn.Parameter(torch.zeros(8, 6, dtype=torch.bfloat16))
+    weight = nn.Parameter(torch.zeros(80, 60, dtype=torch.bfloat16))
     weight.grad = torch.ones_like(weight)
     opt = LoRAAdam([weight], rank=2)
     opt.step()
-    assert opt.state[weight]["weight_compensation"].dtype == torch.bfloat16
+    state = opt.state[weight]
+    assert "weight_compensation" not in state and isinstance(state["rounding_seed"], int)
+    assert state["rounding_draws"] == 1
+    assert optimizer_state_bytes(opt) < weight.numel() * weight.element_size() / 2
+
+
+@pytest.mark.parametrize("fraction", [0.1, 0.5, 0.77])
+@pytest.mark.parametrize("base", [1.0, 0.02, -0.02, -3.0e5])
+def test_native_stochastic_write_is_unbiased(base, fraction):
+    """The one-pass CPU write (bits from a hash of seed, row and column): each element rounds up
+    with the probability of its fraction of the gap, within 5 binomial standard deviations."""
+    kernels = native_kernels()
+    if kernels is None:
+        pytest.skip("native kernels not built (CI builds them: test_native_kernels_build_here)")
+    lo, hi = _neighbours(base, torch.bfloat16)
+    rows, cols = 400, 250
+    weight = torch.full((rows, cols), lo, dtype=torch.bfloat16)
+    gap = fraction * (hi - lo)
+    left, right = torch.full((rows, 1), gap), torch.ones(1, cols)
+    exact = (lo + torch.tensor(gap, dtype=torch.float32)).item()  # what fp32 holds of lo + gap
+    kernels.add_lowrank_stochastic_(weight, left, right, 1.0, seed=987654321)
+    result = weight.float()
+    assert set(torch.unique(result).tolist()) <= {lo, hi}
+    expected = (exact - lo) / (hi - lo)
+    up = (result == hi).double().mean().item()
+    assert abs(up - expected) <= 5 * math.sqrt(expected * (1 - expected) / (rows * cols))
+
+
+def test_native_stochastic_bits_depend_on_seed_row_and_column_only():
+    """Same seed: the same result whatever the chunking and thread count, and whether the rows
+    are written whole or as a row shard with its offset; another seed: other bits."""
+    kernels = native_kernels()
+    if kernels is None:
+        pytest.skip("native kernels not built")
+    gen = torch.Generator().manual_seed(0)
+    weight = (torch.randn(300, 200, generator=gen) * 0.02).bfloat16()
+    left, right = torch.randn(300, 8, generator=gen) * 1e-3, torch.randn(8, 200, generator=gen) * 1e-3
+    whole = weight.clone()
+    kernels.add_lowrank_stochastic_(whole, left, right, 2.0, seed=11)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        shards = weight.clone()
+        kernels.add_lowrank_stochastic_(shards[:130], left[:130], right, 2.0, seed=11)
+        kernels.add_lowrank_stochastic_(shards[130:], left[130:], right, 2.0, seed=11, row_base=130)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(whole, shards)
+    other = weight.clone()
+    kernels.add_lowrank_stochastic_(other, left, right, 2.0, seed=12)
+    assert not torch.equal(whole, other)
 
 
 @pytest.mark.parametrize("precision", available_writers())
@@ -185,29 +240,45 @@ def test_state_bytes_per_mode(precision):
 
 
 class _GivenDelta:
-    """A weight change given as a matrix: what a write mode needs of a ``WeightDelta``."""
+    """A weight change given as a matrix, or as a thin product ``L·R`` (``scale`` 1): what a write
+    mode needs of a ``WeightDelta``."""
 
     compute_dtype = torch.float32
+    scale = 1.0
+    row_offset = 0
 
-    def __init__(self, delta):
+    def __init__(self, delta, factors=None):
         self.delta = delta
+        self.factors = factors
 
     def add_to_(self, target, row_start=0):
         rows = self.delta if self.delta.shape[0] == 1 else self.delta[row_start:row_start + target.shape[0]]
         target.add_(rows)  # a 1×1 change broadcasts
 
+    def product(self, row_start=0, rows=None):
+        if self.factors is None:
+            return None
+        left, right = self.factors
+        return left[row_start:None if rows is None else row_start + rows], right
 
+
+@pytest.mark.parametrize("native_on", [False, True])
+@pytest.mark.parametrize("as_product", [False, True])
 @pytest.mark.parametrize("precision", available_writers())
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_writers_land_within_their_rounding(precision, dtype):
-    """``write_`` of a given change: each mode lands within its rounding of ``W + Δ``."""
+def test_writers_land_within_their_rounding(precision, dtype, as_product, native_on):
+    """``write_`` of a given change (a matrix, or a thin product: the one-pass paths, native on the
+    CPU for bf16): each mode lands within its rounding of ``W + Δ``."""
     gen = torch.Generator().manual_seed(1)
     weight = (torch.randn(40, 30, generator=gen) * 0.1).to(dtype)
     start = weight.double()
-    delta = torch.randn(40, 30, generator=gen) * 1e-2
+    left = torch.randn(40, 6, generator=gen) * 0.1
+    right = torch.randn(6, 30, generator=gen) * 0.04
+    delta = left @ right
     writer = get_writer(precision)
     state = writer.init_state(weight, seed=5)
-    writer.write_(weight, state, _GivenDelta(delta))
+    with use_native(native_on):
+        writer.write_(weight, state, _GivenDelta(delta, (left, right) if as_product else None))
     ulp = torch.finfo(dtype).eps * (start + delta.double()).abs().clamp_min(torch.finfo(dtype).tiny)
     assert ((weight.double() - (start + delta.double())).abs() <= ulp * 1.01).all()
     if precision == "compensated":

@@ -167,3 +167,45 @@ def test_dense_and_low_rank_state_are_not_confused():
                                          r"AdamW moments, the optimizer trains it with low-rank factors"):
         target.load_state_dict(_round_trip(source.state_dict()))
     assert not target.state
+
+
+def _bf16_run(precision, steps, state_dict=None, seed=0):
+    """A bf16 weight trained ``steps`` steps with ``precision`` (after loading ``state_dict`` into a
+    fresh optimizer, if given); returns ``(optimizer, weight)``."""
+    gen = torch.Generator().manual_seed(seed)
+    weight = nn.Parameter((torch.randn(12, 10, generator=gen) * 0.02).bfloat16())
+    grads = [torch.randn(12, 10, generator=gen).bfloat16() for _ in range(6)]
+    opt = LoRAAdam([weight], rank=2, lr=1e-4, precision=precision)
+    done = 0
+    if state_dict is not None:
+        weight.data.copy_(state_dict["weight"])
+        opt.load_state_dict(state_dict["opt"])
+        done = state_dict["steps"]
+    for grad in grads[done:done + steps]:
+        weight.grad = grad
+        opt.step()
+    return opt, weight
+
+
+def test_a_checkpoint_of_the_old_bf16_default_names_its_mode_and_resumes_with_it():
+    """Before 0.2, ``precision=None`` meant ``compensated`` for bf16 weights; it now means
+    ``stochastic``. Such a checkpoint (a Kahan buffer under ``precision=None``) is refused by the
+    new default, with the fix in the message and nothing changed, and resumes exactly with
+    ``precision="compensated"``, which the optimizer then keeps (not the checkpoint's None)."""
+    old, weight = _bf16_run("compensated", 3)
+    saved = _round_trip(old.state_dict())
+    for group in saved["param_groups"]:
+        group["precision"] = None  # as the old default wrote it
+    checkpoint = {"opt": saved, "weight": weight.detach().clone(), "steps": 3}
+    fresh, _ = _bf16_run(None, 0)
+    before = _optimizer_snapshot(fresh)
+    with pytest.raises(ValueError, match=r"precision was 'compensated' in the checkpoint, the optimizer has "
+                                         r"'stochastic'; pass precision='compensated' to resume it"):
+        fresh.load_state_dict(checkpoint["opt"])
+    _assert_unchanged(before, _optimizer_snapshot(fresh))
+    resumed, resumed_weight = _bf16_run("compensated", 3, checkpoint)
+    assert resumed.param_groups[0]["precision"] == "compensated"
+    uninterrupted, expected_weight = _bf16_run("compensated", 6)
+    assert torch.equal(resumed_weight, expected_weight)
+    assert torch.equal(resumed.state[resumed_weight]["weight_compensation"],
+                       uninterrupted.state[expected_weight]["weight_compensation"])

@@ -5,7 +5,10 @@
 // when built with it, else called one chunk at a time from Python threads.
 //
 // Storage types: "f32" (float), "bf16" (bfloat16 stored as uint16, computed in float), "f64"
-// (double). bf16 results are rounded to nearest even once per element, as torch rounds.
+// (double). bf16 results are rounded to nearest even once per element, as torch rounds, except in
+// the two bf16 write modes of the weight update: stochastic rounding ("sr", random bits from a
+// counter-based hash of the seed and the element's row and column) and Kahan compensation
+// ("kahan", with a bf16 buffer of W's shape that keeps what rounding dropped).
 
 #include <algorithm>
 #include <cstdint>
@@ -221,12 +224,116 @@ void project(const typename St::S* G, int64_t ldg, int64_t row0, int64_t row1, i
   }
 }
 
+// ---------------------------------------------------------------- write policies
+// How the update kernel stores W + delta: `vec` for one vector of lanes at row i, columns
+// [j, j + lanes), `one` for one element. Nearest works for every storage type; the others are for
+// bf16 weights with float compute.
+
+struct NearestWrite {
+  template <class St>
+  void vec(typename St::S* wp, typename St::V delta, int64_t, int64_t) const {
+    typename St::V w = St::vload(wp);
+    w += delta;
+    St::vstore(wp, w);
+  }
+  template <class St>
+  void one(typename St::S* wp, typename St::C delta, int64_t, int64_t) const {
+    St::sstore(wp, St::sload(wp) + delta);
+  }
+};
+
+// A 32-bit integer hash with good avalanche (Wellons' "lowbias32"), lane-wise and scalar.
+inline vu_t mix32(vu_t x) {
+  x ^= x >> 16;
+  x *= 0x7feb352du;
+  x ^= x >> 15;
+  x *= 0x846ca68bu;
+  x ^= x >> 16;
+  return x;
+}
+
+inline uint32_t mix32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x7feb352du;
+  x ^= x >> 15;
+  x *= 0x846ca68bu;
+  x ^= x >> 16;
+  return x;
+}
+
+constexpr int kFloatLanes = LO_VBYTES / 4;
+
+inline vu_t lane_index() {
+  vu_t v;
+  for (int l = 0; l < kFloatLanes; ++l) v[l] = uint32_t(l);
+  return v;
+}
+
+// Stochastic rounding of float x to bf16: add 16 random bits below bf16's mantissa to the bit
+// pattern and truncate, so the magnitude rounds up with probability (dropped bits) / 2^16.
+// The bits of element (i, j) are mix32((j * golden) ^ key(i)), key(i) = mix32(i ^ lo) ^ hi:
+// they depend on the seed, the row and the column only, not on chunks or threads.
+struct StochasticWrite {
+  uint32_t seed_lo, seed_hi;
+  uint64_t row_base;  // global index of row 0 (a row shard's offset)
+
+  uint32_t row_key(int64_t i) const { return mix32(uint32_t(row_base + uint64_t(i)) ^ seed_lo) ^ seed_hi; }
+
+  static vu_t round_bits(vf_t x, vu_t noise) {
+    vu_t up = ((vu_t)x + (noise & 0xFFFFu)) >> 16;
+    vu_t nan = (vu_t)(x != x);
+    return (up & ~nan) | (nan & 0x7FC0u);
+  }
+
+  template <class St>
+  void vec(uint16_t* wp, vf_t delta, int64_t i, int64_t j) const {
+    vf_t x = BF16::vload(wp) + delta;
+    vu_t columns = (lane_index() + uint32_t(j)) * 0x9E3779B9u;
+    vu_t noise = mix32(columns ^ row_key(i));
+    store_raw(wp, __builtin_convertvector(round_bits(x, noise), vh_t));
+  }
+  template <class St>
+  void one(uint16_t* wp, float delta, int64_t i, int64_t j) const {
+    float x = bf16_to_float(*wp) + delta;
+    if (x != x) {
+      *wp = 0x7FC0;
+      return;
+    }
+    uint32_t u;
+    std::memcpy(&u, &x, sizeof u);
+    uint32_t noise = mix32((uint32_t(j) * 0x9E3779B9u) ^ row_key(i)) & 0xFFFFu;
+    *wp = uint16_t((u + noise) >> 16);
+  }
+};
+
+// Kahan / error feedback with a bf16 buffer c of W's shape: x = W + (c + delta) in float,
+// W' = round(x), c' = round(x - W') (x - W' is exact in float: W' and x are within an ulp).
+struct CompensatedWrite {
+  uint16_t* c;
+  int64_t ldc;
+
+  template <class St>
+  void vec(uint16_t* wp, vf_t delta, int64_t i, int64_t j) const {
+    uint16_t* cp = c + i * ldc + j;
+    vf_t x = BF16::vload(wp) + (BF16::vload(cp) + delta);
+    BF16::vstore(wp, x);
+    BF16::vstore(cp, x - BF16::vload(wp));
+  }
+  template <class St>
+  void one(uint16_t* wp, float delta, int64_t i, int64_t j) const {
+    uint16_t* cp = c + i * ldc + j;
+    float x = bf16_to_float(*wp) + (bf16_to_float(*cp) + delta);
+    *wp = float_to_bf16(x);
+    *cp = float_to_bf16(x - bf16_to_float(*wp));
+  }
+};
+
 // ---------------------------------------------------------------- lora: weight change
 // W[i, j] <- round(W[i, j] + scale * sum_k Lf[i, k] R[k, j]) for rows i in [row0, row1).
 
-template <class St, int RT, int VT>
+template <class St, int RT, int VT, class Wr>
 inline void update_tile(typename St::S* W, int64_t ldw, int64_t i, int64_t j, int64_t m, int64_t K,
-                        const typename St::C* Lf, const typename St::C* R, typename St::C scale) {
+                        const typename St::C* Lf, const typename St::C* R, typename St::C scale, const Wr& write) {
   typedef typename St::C C;
   typedef typename St::V V;
   constexpr int L = Vec<C>::lanes;
@@ -246,43 +353,39 @@ inline void update_tile(typename St::S* W, int64_t ldw, int64_t i, int64_t j, in
     }
   }
   for (int rr = 0; rr < RT; ++rr)
-    for (int v = 0; v < VT; ++v) {
-      typename St::S* wp = W + (i + rr) * ldw + j + v * L;
-      V w = St::vload(wp);
-      w += scale * acc[rr][v];
-      St::vstore(wp, w);
-    }
+    for (int v = 0; v < VT; ++v)
+      write.template vec<St>(W + (i + rr) * ldw + j + v * L, scale * acc[rr][v], i + rr, j + v * L);
 }
 
-template <class St, int RT>
+template <class St, int RT, class Wr>
 inline void update_row_tile(typename St::S* W, int64_t ldw, int64_t i, int64_t j0, int64_t j1, int64_t m,
-                            int64_t K, const typename St::C* Lf, const typename St::C* R, typename St::C scale) {
+                            int64_t K, const typename St::C* Lf, const typename St::C* R, typename St::C scale,
+                            const Wr& write) {
   typedef typename St::C C;
   constexpr int L = Vec<C>::lanes;
   constexpr int VT = 4;
   int64_t j = j0;
-  for (; j + VT * L <= j1; j += VT * L) update_tile<St, RT, VT>(W, ldw, i, j, m, K, Lf, R, scale);
-  for (; j + L <= j1; j += L) update_tile<St, RT, 1>(W, ldw, i, j, m, K, Lf, R, scale);
+  for (; j + VT * L <= j1; j += VT * L) update_tile<St, RT, VT>(W, ldw, i, j, m, K, Lf, R, scale, write);
+  for (; j + L <= j1; j += L) update_tile<St, RT, 1>(W, ldw, i, j, m, K, Lf, R, scale, write);
   for (; j < j1; ++j)
     for (int rr = 0; rr < RT; ++rr) {
       C total = 0;
       for (int64_t k = 0; k < K; ++k) total += Lf[(i + rr) * K + k] * R[k * m + j];
-      typename St::S* wp = W + (i + rr) * ldw + j;
-      St::sstore(wp, St::sload(wp) + scale * total);
+      write.template one<St>(W + (i + rr) * ldw + j, scale * total, i + rr, j);
     }
 }
 
-template <class St>
+template <class St, class Wr = NearestWrite>
 void update(typename St::S* W, int64_t ldw, int64_t row0, int64_t row1, int64_t m, int64_t K,
-            const typename St::C* Lf, const typename St::C* R, double scale) {
+            const typename St::C* Lf, const typename St::C* R, double scale, const Wr& write = Wr()) {
   typedef typename St::C C;
   constexpr int RT = LO_ROW_TILE;
   const int64_t jb = column_block(m, K, sizeof(C), 4 * Vec<C>::lanes);
   for (int64_t j0 = 0; j0 < m; j0 += jb) {
     const int64_t j1 = std::min(m, j0 + jb);
     int64_t i = row0;
-    for (; i + RT <= row1; i += RT) update_row_tile<St, RT>(W, ldw, i, j0, j1, m, K, Lf, R, C(scale));
-    for (; i < row1; ++i) update_row_tile<St, 1>(W, ldw, i, j0, j1, m, K, Lf, R, C(scale));
+    for (; i + RT <= row1; i += RT) update_row_tile<St, RT>(W, ldw, i, j0, j1, m, K, Lf, R, C(scale), write);
+    for (; i < row1; ++i) update_row_tile<St, 1>(W, ldw, i, j0, j1, m, K, Lf, R, C(scale), write);
   }
 }
 
@@ -436,7 +539,7 @@ void for_each_chunk(int64_t row0, int64_t row1, int64_t chunk_rows, int threads,
 #define LO_EXPORT extern "C" __attribute__((visibility("default")))
 
 // Bumped whenever a signature changes; native.py checks it.
-LO_EXPORT int lo_abi_version() { return 2; }
+LO_EXPORT int lo_abi_version() { return 3; }
 LO_EXPORT int lo_vector_bytes() { return LO_VBYTES; }
 LO_EXPORT int lo_openmp() {
 #ifdef _OPENMP
@@ -482,3 +585,23 @@ LO_EXPORT int lo_openmp() {
 LO_DEFINE(f32, F32)
 LO_DEFINE(bf16, BF16)
 LO_DEFINE(f64, F64)
+
+// The bf16 write modes of the weight update (float compute): stochastic rounding with the 64-bit
+// seed (lo, hi) and the global index of row 0, and Kahan compensation with a bf16 buffer c.
+LO_EXPORT void lo_update_sr_bf16(void* W, int64_t ldw, int64_t row0, int64_t row1, int64_t m, int64_t K,
+                                 const void* Lf, const void* R, double scale, int64_t seed_lo, int64_t seed_hi,
+                                 int64_t row_base, int64_t chunk_rows, int threads) {
+  const StochasticWrite write{uint32_t(seed_lo), uint32_t(seed_hi), uint64_t(row_base)};
+  for_each_chunk(row0, row1, chunk_rows, threads, [&](int64_t, int64_t a, int64_t b) {
+    update<BF16>((uint16_t*)W, ldw, a, b, m, K, (const float*)Lf, (const float*)R, scale, write);
+  });
+}
+
+LO_EXPORT void lo_update_kahan_bf16(void* W, int64_t ldw, int64_t row0, int64_t row1, int64_t m, int64_t K,
+                                    const void* Lf, const void* R, double scale, void* c, int64_t ldc,
+                                    int64_t chunk_rows, int threads) {
+  const CompensatedWrite write{(uint16_t*)c, ldc};
+  for_each_chunk(row0, row1, chunk_rows, threads, [&](int64_t, int64_t a, int64_t b) {
+    update<BF16>((uint16_t*)W, ldw, a, b, m, K, (const float*)Lf, (const float*)R, scale, write);
+  });
+}

@@ -4,6 +4,9 @@ Each method does one full pass over a weight-sized matrix, split into row chunks
 
 * :meth:`NativeKernels.project_lowrank`: ``(G·Bᵀ, Aᵀ·G)`` reading ``G`` once;
 * :meth:`NativeKernels.add_lowrank_`: ``W ← round(W + s·L·R)``, reading and writing ``W`` once;
+  for bf16 weights also with stochastic rounding (:meth:`NativeKernels.add_lowrank_stochastic_`)
+  or Kahan compensation (:meth:`NativeKernels.add_lowrank_compensated_`), the write modes of
+  :mod:`lora_optim.precision`, in the same single pass;
 * :meth:`NativeKernels.fold_additive` / :meth:`NativeKernels.spread_additive_`: the same two
   passes for the ``additive`` projection.
 
@@ -49,6 +52,12 @@ _SIGNATURES = {
     "update": [_P, _I, _I, _I, _I, _I, _P, _P, _D, _I, _INT],
     "fold": [_P, _I, _I, _I, _I, _I, _P, _P, _I, _INT],
     "spread": [_P, _I, _I, _I, _I, _I, _P, _P, _D, _I, _INT],
+}
+
+#: The bf16-only write modes of the update pass: (name, arguments after the row range).
+_BF16_WRITES = {
+    "update_sr": [_P, _I, _I, _I, _I, _I, _P, _P, _D, _I, _I, _I, _I, _INT],
+    "update_kahan": [_P, _I, _I, _I, _I, _I, _P, _P, _D, _P, _I, _I, _INT],
 }
 
 _switch = threading.local()
@@ -110,6 +119,11 @@ class NativeKernels:
                 function.argtypes = argtypes
                 function.restype = None
                 self._functions[kind, suffix] = function
+        for kind, argtypes in _BF16_WRITES.items():
+            function = getattr(library, f"lo_{kind}_bf16")
+            function.argtypes = argtypes
+            function.restype = None
+            self._functions[kind, "bf16"] = function
         library.lo_openmp.restype = ctypes.c_int
         library.lo_vector_bytes.restype = ctypes.c_int
         #: Whether the library threads itself (OpenMP, sharing torch's runtime); else Python
@@ -174,6 +188,42 @@ class NativeKernels:
         left, right = left.contiguous(), right.contiguous()
         work = rows * cols * inner
         self._launch("update", weight, (cols, inner, left.data_ptr(), right.data_ptr(), float(scale)),
+                     work=work, chunk=_chunk_rows(rows, work))
+
+    @classmethod
+    def supports_bf16_write(cls, weight: Tensor, compute_dtype: torch.dtype) -> bool:
+        """Whether the stochastic and compensated update passes take ``weight``: a bf16 weight that
+        :meth:`supports` with fp32 factors."""
+        return weight.dtype == torch.bfloat16 and cls.supports(weight, compute_dtype)
+
+    def add_lowrank_stochastic_(self, weight: Tensor, left: Tensor, right: Tensor, scale: float, seed: int,
+                                row_base: int = 0) -> None:
+        """``W ← SR(W + scale·left·right)`` for a bf16 ``W``: each element becomes one of its two bf16
+        neighbours, the upper with probability (distance from the lower) / (gap), with 16 random
+        bits from a hash of the 64-bit ``seed``, the row (``row_base`` + local row) and the column,
+        so the bits depend on neither chunks nor threads."""
+        rows, cols = weight.shape
+        inner = left.shape[1]
+        left, right = left.contiguous(), right.contiguous()
+        seed &= (1 << 64) - 1
+        work = rows * cols * inner
+        self._launch("update_sr", weight, (cols, inner, left.data_ptr(), right.data_ptr(), float(scale),
+                                           seed & 0xFFFFFFFF, seed >> 32, int(row_base)),
+                     work=work, chunk=_chunk_rows(rows, work))
+
+    def add_lowrank_compensated_(self, weight: Tensor, compensation: Tensor, left: Tensor, right: Tensor,
+                                 scale: float) -> None:
+        """Kahan-compensated ``W += scale·left·right`` for a bf16 ``W`` with a bf16 buffer ``c`` of its
+        shape: ``x = W + (c + scale·left·right)`` in fp32, ``W ← round(x)``, ``c ← round(x − W)``."""
+        if compensation.dtype != torch.bfloat16 or compensation.shape != weight.shape or compensation.stride(1) != 1:
+            raise ValueError("add_lowrank_compensated_: the buffer must be a bf16 matrix of the weight's shape "
+                             "with unit column stride")
+        rows, cols = weight.shape
+        inner = left.shape[1]
+        left, right = left.contiguous(), right.contiguous()
+        work = rows * cols * inner
+        self._launch("update_kahan", weight, (cols, inner, left.data_ptr(), right.data_ptr(), float(scale),
+                                              compensation.data_ptr(), compensation.stride(0)),
                      work=work, chunk=_chunk_rows(rows, work))
 
     def fold_additive(self, grad: Tensor, rank: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:

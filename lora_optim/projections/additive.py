@@ -41,6 +41,7 @@ __all__ = [
     "fold_rows",
     "spread_rows_",
     "additive_project",
+    "additive_step_product",
     "additive_add_delta_",
 ]
 
@@ -143,24 +144,41 @@ def additive_add_delta_(
     (:mod:`lora_optim.kernels`); elsewhere one GEMM, ``s·[dA, E_r]·[E_c; dB]``, into ``target``
     (or into one temporary of its size for a lower precision).
     """
-    rank = dA.shape[1]
-    columns = dA if target.shape[0] == dA.shape[0] else dA[row_start : row_start + target.shape[0]]
-    # Row i of target takes dB[(row_offset + row_start + i) mod r]: rotate dB to start there.
-    shift = (row_offset + row_start) % rank
-    rows = dB.roll(-shift, dims=0) if shift else dB
     kernels = native_kernels()
     if kernels is not None and kernels.supports(target, dA.dtype):
-        kernels.spread_additive_(target, columns, rows, scale)
+        columns = dA if target.shape[0] == dA.shape[0] else dA[row_start : row_start + target.shape[0]]
+        kernels.spread_additive_(target, columns, _rotated_rows(dB, row_start, row_offset), scale)
         torch.autograd.graph.increment_version(target)  # as an in-place torch op would
         return
-    block_rows = block_identity(target.shape[0], rank, dtype=dA.dtype, device=dA.device)  # len(target)×r
-    left = torch.cat((columns, block_rows), dim=1)
-    right = torch.cat((block_identity(dB.shape[1], rank, dtype=dB.dtype, device=dB.device, transposed=True), rows),
-                      dim=0)
+    left, right = additive_step_product(dA, dB, row_start, target.shape[0], row_offset)
     if target.dtype == dA.dtype:
         target.addmm_(left, right, alpha=scale)
     else:
         target.add_(torch.mm(left, right), alpha=scale)
+
+
+def _rotated_rows(dB: Tensor, row_start: int, row_offset: int) -> Tensor:
+    # Row i of a target starting at global row g0 = row_offset + row_start takes dB[(g0 + i) mod r]:
+    # rotate dB to start there.
+    shift = (row_offset + row_start) % dB.shape[0]
+    return dB.roll(-shift, dims=0) if shift else dB
+
+
+def additive_step_product(
+    dA: Tensor, dB: Tensor, row_start: int = 0, rows: int | None = None, row_offset: int = 0
+) -> tuple[Tensor, Tensor]:
+    """``([dA, E_r], [E_c; dB])``: the change ``dA[i, j mod r] + dB[g mod r, j]`` as a product of inner
+    size ``2r`` for the rows ``row_start : row_start + rows`` of ``dA`` (``rows=None``: through the
+    last), ``g`` the global row index (``row_offset``: that of ``dA``'s first row). ``E_r`` and
+    ``E_c`` are the block identities of :func:`block_identity` (``[i ≡ k mod r]``)."""
+    rank = dA.shape[1]
+    stop = dA.shape[0] if rows is None else row_start + rows
+    columns = dA if (row_start, stop) == (0, dA.shape[0]) else dA[row_start:stop]
+    block_rows = block_identity(stop - row_start, rank, dtype=dA.dtype, device=dA.device)  # rows×r
+    left = torch.cat((columns, block_rows), dim=1)
+    right = torch.cat((block_identity(dB.shape[1], rank, dtype=dB.dtype, device=dB.device, transposed=True),
+                       _rotated_rows(dB, row_start, row_offset)), dim=0)
+    return left, right
 
 
 @register_projection
@@ -205,6 +223,12 @@ class AdditiveProjection(Projection):
     def add_delta_(self, target: Tensor, change: FactorChange, scale: float, row_start: int = 0) -> None:
         """``target += s·(dA[:, j mod r] + dB[i mod r, :])`` (``ΔW`` is linear in the factors)."""
         additive_add_delta_(target, change.dA, change.dB, scale, row_start, change.row_offset)
+
+    def step_product(
+        self, change: FactorChange, row_start: int = 0, rows: int | None = None
+    ) -> tuple[Tensor, Tensor] | None:
+        """``([dA, E_r], [E_c; dB])`` (:func:`additive_step_product`)."""
+        return additive_step_product(change.dA, change.dB, row_start, rows, change.row_offset)
 
     def record_base_(self, state: FactorState, group) -> None:
         """Record the stored factors as the base's (zero if both are all zeros; one host read)."""

@@ -174,6 +174,21 @@ class Projection(abc.ABC):
         lower precision than the factors is rounded once per element, as ``target.add_(delta)``
         would round."""
 
+    def step_product(
+        self, change: FactorChange, row_start: int = 0, rows: int | None = None
+    ) -> tuple[Tensor, Tensor] | None:
+        """This step's change of ``W`` as a thin product: ``(L, R)`` with
+        ``Δ(A_new, B_new) − Δ(A, B) = L·R`` on the rows ``row_start : row_start + rows`` of ``W``
+        (``rows=None``: through the last row), ``L`` of those rows, ``R`` of all columns, both in the
+        factors' dtype; or ``None`` if the variant's change is not one (the default).
+
+        Optional. The write modes that round (``stochastic``, ``compensated``;
+        :mod:`lora_optim.precision`) use it to update ``W`` in one pass with no weight-sized
+        temporary; without it they form ``s·ΔW`` a block of rows at a time through
+        :meth:`add_delta_`. It must agree with :meth:`add_delta_`, which then adds ``s·L·R``.
+        """
+        return None
+
     def probe_delta(self, change: FactorChange, scale: float, probes: Tensor) -> Tensor:
         """The exact change of ``W·X`` this step, in fp64, for the drift check (:mod:`lora_optim.drift`):
         ``s·(Δ(A_new, B_new) − Δ(A, B))·X``.

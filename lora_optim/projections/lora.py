@@ -89,6 +89,7 @@ __all__ = [
     "lowrank_project",
     "lowrank_project_activations",
     "lowrank_add_delta_",
+    "lowrank_step_product",
     "add_product_",
     "singular_factors",
     "gradient_init_factors",
@@ -221,10 +222,17 @@ def lowrank_add_delta_(target: Tensor, change: FactorChange, scale: float, row_s
     ``target`` (same dtype), or into one temporary of ``target``'s size (lower precision: the
     caller bounds it by passing blocks of rows).
     """
+    add_product_(target, *lowrank_step_product(change, row_start, target.shape[0]), scale)
+
+
+def lowrank_step_product(change: FactorChange, row_start: int = 0, rows: int | None = None) -> tuple[Tensor, Tensor]:
+    """``([A', dA], [dB; B])``: ``A'B' − AB`` as a product of inner size ``2r``, for the rows
+    ``row_start : row_start + rows`` of ``W`` (``rows=None``: through the last row)."""
     A_new, dA = change.A_new, change.dA
-    if row_start != 0 or target.shape[0] != A_new.shape[0]:
-        A_new, dA = A_new[row_start : row_start + target.shape[0]], dA[row_start : row_start + target.shape[0]]
-    add_product_(target, torch.cat((A_new, dA), dim=1), torch.cat((change.dB, change.B), dim=0), scale)
+    stop = A_new.shape[0] if rows is None else row_start + rows
+    if row_start != 0 or stop != A_new.shape[0]:
+        A_new, dA = A_new[row_start:stop], dA[row_start:stop]
+    return torch.cat((A_new, dA), dim=1), torch.cat((change.dB, change.B), dim=0)
 
 
 def add_product_(target: Tensor, left: Tensor, right: Tensor, scale: float) -> None:
@@ -350,6 +358,12 @@ class LoRAProjection(Projection):
     def add_delta_(self, target: Tensor, change: FactorChange, scale: float, row_start: int = 0) -> None:
         """``target += s·(A'B' − AB)``, one product of inner size 2r (:func:`lowrank_add_delta_`)."""
         lowrank_add_delta_(target, change, scale, row_start)
+
+    def step_product(
+        self, change: FactorChange, row_start: int = 0, rows: int | None = None
+    ) -> tuple[Tensor, Tensor] | None:
+        """``([A', dA], [dB; B])`` (:func:`lowrank_step_product`)."""
+        return lowrank_step_product(change, row_start, rows)
 
     def record_base_(self, state: FactorState, group: Mapping[str, Any]) -> None:
         """Record the stored factors as the base's (zero if ``A`` or ``B`` is all zeros; one host

@@ -199,11 +199,17 @@ class SVDProjection(Projection):
     def add_delta_(self, target: Tensor, change: FactorChange, scale: float, row_start: int = 0) -> None:
         """``target += s·(A'B' − AB)``, which is ``s·P·dB`` (left) or ``s·dA·Q`` (right): one
         product of inner size ``r``, for the rows ``row_start : row_start + len(target)``."""
-        rows = slice(row_start, row_start + target.shape[0])
+        add_product_(target, *self.step_product(change, row_start, target.shape[0]), scale)
+
+    def step_product(
+        self, change: FactorChange, row_start: int = 0, rows: int | None = None
+    ) -> tuple[Tensor, Tensor] | None:
+        """``(P, dB)`` (left) or ``(dA, Q)`` (right), of inner size ``r``, for the rows
+        ``row_start : row_start + rows``."""
+        stop = change.A.shape[0] if rows is None else row_start + rows
         if side_of(change.A.shape[0], change.B.shape[1]) == LEFT:
-            add_product_(target, change.A[rows], change.dB, scale)
-        else:
-            add_product_(target, change.dA[rows], change.B, scale)
+            return change.A[row_start:stop], change.dB
+        return change.dA[row_start:stop], change.B
 
     def probe_delta(self, change: FactorChange, scale: float, probes: Tensor) -> Tensor:
         """``s·(A'(B'X) − A(BX))`` in fp64 with the stored factors."""
