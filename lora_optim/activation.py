@@ -64,9 +64,12 @@ Falling back to ``G``: other layer types (convolutions, embeddings), weights sha
 layer (tied embeddings), weights of ``nn.MultiheadAttention`` (it reads ``out_proj.weight``
 without calling the module). A weight that the model also uses outside its module's ``forward``
 (``F.linear(x, layer.weight)``) cannot be seen by module hooks: do not attach such a model.
-Each forward's input ``X`` is kept until its backward as autograd keeps it for ``W``'s gradient;
-a second backward through the same graph (``retain_graph=True``) raises, and ``X`` must not be
-modified in place between forward and backward (checked).
+Each forward's input ``X`` is kept until its backward as a saved tensor, as autograd keeps it for
+``W``'s gradient: activation checkpointing (``torch.utils.checkpoint``, non-reentrant; Hugging
+Face's ``gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})``)
+frees and recomputes it, a second backward through the same graph (``retain_graph=True``) adds
+its pieces again as a plain backward adds to ``W.grad``, and ``X`` must not be modified in place
+between forward and backward (checked, as autograd checks it).
 """
 
 from __future__ import annotations
@@ -108,33 +111,48 @@ def supported_layer_forwards() -> list[str]:
 
 
 class _Piece:
-    """One call of an attached layer, between its forward and its backward."""
+    """One call of an attached layer: its name, and ``X`` and ``δY`` between the tap's backward and
+    the anchor's accumulation."""
 
-    __slots__ = ("inputs", "version", "output_grads")
+    __slots__ = ("name", "inputs", "output_grads")
 
-    def __init__(self, inputs: Tensor) -> None:
-        self.inputs: Tensor | None = inputs
-        self.version = inputs._version
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.inputs: Tensor | None = None
         self.output_grads: Tensor | None = None
 
 
 class _OutputTap(torch.autograd.Function):
-    """``Y' = Y`` with ``δY`` taken on the way back (see the module docstring).
+    """``Y' = Y`` with ``X`` kept for the backward and ``δY`` taken on the way back (see the module
+    docstring).
 
     The forward returns an alias of ``Y`` (``Y.detach()``: same memory, not a view in autograd's
-    sense), so ``Y'`` has this node as its own history and may be changed in place later. The
-    backward keeps ``δY`` in the call's piece, passes it on to ``Y`` unchanged, and gives the
-    anchor a zero gradient, whose accumulation then hands the piece to the optimizer."""
+    sense), so ``Y'`` has this node as its own history and may be changed in place later. ``X`` is
+    kept as a saved tensor, as a linear layer keeps it for its weight's gradient: activation
+    checkpointing frees and recomputes it, a second backward (``retain_graph=True``) finds it
+    again, and a change of ``X`` in place after the forward is caught. The backward hands ``X``
+    and ``δY`` to the call's piece, passes ``δY`` on to ``Y`` unchanged, and gives the anchor a
+    zero gradient, whose accumulation then hands the piece to the optimizer."""
 
     @staticmethod
-    def forward(ctx: Any, output: Tensor, anchor: Tensor, piece: _Piece) -> Tensor:
+    def forward(ctx: Any, output: Tensor, anchor: Tensor, inputs: Tensor, piece: _Piece) -> Tensor:
         ctx.piece = piece
+        ctx.save_for_backward(inputs)
         return output.detach()
 
     @staticmethod
-    def backward(ctx: Any, output_grads: Tensor) -> tuple[Tensor | None, Tensor, None]:
-        ctx.piece.output_grads = output_grads  # the anchor's accumulation comes right after
-        return (output_grads if ctx.needs_input_grad[0] else None), output_grads.new_zeros(()), None
+    def backward(ctx: Any, output_grads: Tensor) -> tuple[Tensor | None, Tensor, None, None]:
+        piece = ctx.piece
+        try:
+            (inputs,) = ctx.saved_tensors
+        except RuntimeError as error:
+            if "inplace" not in str(error):
+                raise
+            raise RuntimeError(
+                f"{piece.name}: the layer's input was modified in place after the forward; its weight gradient "
+                "would be wrong (autograd raises for the same reason when the weight requires grad)") from error
+        piece.inputs, piece.output_grads = inputs, output_grads  # the anchor's accumulation comes right after
+        return (output_grads if ctx.needs_input_grad[0] else None), output_grads.new_zeros(()), None, None
 
 
 class ActivationSide:
@@ -250,27 +268,20 @@ class ActivationSide:
                     p: Tensor, name: str, reader: Callable[..., Tensor]) -> Tensor | None:
         if not torch.is_grad_enabled():
             return None
-        piece = _Piece(reader(args, kwargs))
+        piece = _Piece(name)
         # A fresh leaf per call: autograd accumulates into it exactly when a plain backward would
         # accumulate into W.grad (not for autograd.grad(loss, x) or backward(inputs=[x])).
         anchor = torch.zeros((), dtype=output.dtype, device=output.device, requires_grad=True)
-        anchor.register_post_accumulate_grad_hook(functools.partial(self._on_accumulate, piece=piece, p=p, name=name))
-        return _OutputTap.apply(output, anchor, piece)
+        anchor.register_post_accumulate_grad_hook(functools.partial(self._on_accumulate, piece=piece, p=p))
+        # X detached: the tap keeps it without an edge into X's history (δX flows through the layer).
+        return _OutputTap.apply(output, anchor, reader(args, kwargs).detach(), piece)
 
     @torch.no_grad()
-    def _on_accumulate(self, anchor: Tensor, *, piece: _Piece, p: Tensor, name: str) -> None:
+    def _on_accumulate(self, anchor: Tensor, *, piece: _Piece, p: Tensor) -> None:
         anchor.grad = None
         inputs, output_grads = piece.inputs, piece.output_grads
-        if inputs is None:
-            raise RuntimeError(
-                f"{name}: its activation-side gradient was already taken for this forward; a second backward "
-                "through the same graph (retain_graph=True) is not supported while the model is attached")
         piece.inputs = piece.output_grads = None  # release X and δY
-        if inputs._version != piece.version:
-            raise RuntimeError(
-                f"{name}: the layer's input was modified in place after the forward; its weight gradient "
-                "would be wrong (autograd raises for the same reason when the weight requires grad)")
-        if output_grads is None:
+        if inputs is None or output_grads is None:
             return  # no gradient reached the layer's output (its node was not run)
         self._optimizer.accumulate_activation_grad_(p, inputs, output_grads)
 
