@@ -1,29 +1,42 @@
 """PEFT adapters out of and into a :class:`~lora_optim.LoRAAdam` run.
 
-A run of the optimizer leaves its result in the weights: ``W = W_base + s·L·R`` for every
-low-rank weight (:mod:`lora_optim.initial_factors`). :func:`export_peft_adapter` writes that
-change as a directory ``peft.PeftModel.from_pretrained(base_model, path)`` loads
-(``adapter_config.json`` and ``adapter_model.safetensors`` with PEFT's key names), and
-:func:`load_peft_adapter` merges a PEFT adapter into the weights and continues from its factors.
+A run of the optimizer leaves its result in the weights: ``W = W_base + (s·L·R) ⊙ M`` for every
+low-rank weight (:mod:`lora_optim.learnt_change`; ``M`` is the mask of a ``preserve_sparsity``
+group, all ones otherwise). :func:`export_peft_adapter` writes that change as a directory
+``peft.PeftModel.from_pretrained(base_model, path)`` loads (``adapter_config.json`` and
+``adapter_model.safetensors`` with PEFT's key names), and :func:`load_peft_adapter` merges a PEFT
+adapter into the weights and continues from its factors. Both ask the optimizer for the change
+(:meth:`LoRAAdam.learnt_change <lora_optim.LoRAAdam.learnt_change>`) and nothing else.
 
 Export, per low-rank weight (the routes of :mod:`lora_optim.interop.svd`):
 
-* **exact**: :meth:`LoRAAdam.weight_change_factors <lora_optim.LoRAAdam.weight_change_factors>`
-  knows ``(L, R)``: ``lora`` with PEFT's init writes ``(A, B)`` (rank ``r``), with kept non-zero
-  initial factors ``([A, −A₀], [B; B₀])`` (rank ``2r``), ``additive`` its exact rank-``2r`` form.
-  PEFT's ``lora_B``/``lora_A`` are our ``A``/``B`` unchanged and ``lora_alpha`` is chosen so that
-  PEFT's scaling is our ``s`` (``alpha = s·k``, or ``s·√k`` with ``use_rslora``): PEFT continues
-  the same parametrisation.
+* **exact**: the change is known and unmasked, ``s·L·R``: ``lora`` with a zero initial product
+  writes ``(A, B)`` (rank ``r``), with kept non-zero initial factors ``([A, −A₀], [B; B₀])``
+  (rank ``2r``), ``additive`` its exact rank-``2r`` form. PEFT's ``lora_B``/``lora_A`` are our
+  ``A``/``B`` unchanged and ``lora_alpha`` is chosen so that PEFT's scaling is our ``s``
+  (``alpha = s·k``, or ``s·√k`` with ``use_rslora``): PEFT continues the same parametrisation.
 * **truncated**: with ``rank=`` or ``energy=``, a product wider than asked is cut to its best
   approximation (an SVD of the ``k×k`` core; no base weights needed).
-* **svd**: the change is not a known product (``random``, whose change sums its draws; an init
-  with a non-zero ``A₀·B₀`` whose factors were not kept): ``ΔW = W − W₀`` with ``W₀`` from
-  ``base=`` (the base model, or a state dict of it: ``{name: tensor}`` as
-  ``model.state_dict()`` names them; keep it on the CPU or on disk, the optimizer keeps no copy
-  of ``W₀``), truncated to ``rank`` (default: the group's) or to an ``energy`` share.
+* **masked**: a ``preserve_sparsity=True`` group whose base had zeros: the known change
+  ``(s·L·R) ⊙ M`` is not a low-rank product, so it is formed and truncated by an SVD to ``rank``
+  (default: the group's; ``min(out, in)`` is exact) or to an ``energy`` share; no base weights
+  needed.
+* **svd**: the change is unknown (``random`` and ``svd``, whose change sums every draw or basis;
+  an init with a non-zero ``A₀·B₀`` whose factors were not kept, once trained):
+  ``ΔW = W − W₀`` with ``W₀`` from ``base=`` (the base model, or a state dict of it:
+  ``{name: tensor}`` as ``model.state_dict()`` names them; keep it on the CPU or on disk, the
+  optimizer keeps no copy of ``W₀``), truncated to ``rank`` (default: the group's) or to an
+  ``energy`` share. Without ``base=`` such a weight raises ``ValueError`` naming it, its
+  projection and init; nothing is written then.
 
 The report (:class:`AdapterExport`) gives each module's route, rank and the share of
 ``‖ΔW‖_F²`` it keeps (``1.0`` for exact factors).
+
+The config names every module exactly under PEFT's matching rules (:mod:`lora_optim.interop.patterns`:
+anchored ``rank_pattern``/``alpha_pattern`` keys, ``target_modules`` as one expression where a
+list of names would match more modules); where no config can (a ``modules_to_save`` entry that
+is the end of another module's name) it raises ``ValueError`` naming both modules, before
+anything is written.
 
 Densely trained parameters are saved as PEFT saves them: the bias of an adapted layer with
 ``bias="lora_only"``, any other module holding a trained parameter as ``modules_to_save`` (PEFT
@@ -81,8 +94,9 @@ class ModuleExport:
 
     Attributes:
         module: the module's name (PEFT's target).
-        route: ``"exact"`` (the optimizer's factors), ``"truncated"`` (an SVD of them) or
-            ``"svd"`` (an SVD of ``W − W₀``).
+        route: ``"exact"`` (the optimizer's factors), ``"truncated"`` (an SVD of them),
+            ``"masked"`` (an SVD of the masked change ``(s·L·R) ⊙ M`` of a ``preserve_sparsity``
+            group) or ``"svd"`` (an SVD of ``W − W₀``).
         rank: the adapter's rank for this module.
         alpha: the ``lora_alpha`` written for it (PEFT's scaling is ``alpha / rank``, or
             ``alpha / √rank`` with ``use_rslora``; it equals the optimizer's ``s``).
@@ -230,9 +244,9 @@ def export_peft_adapter(
         path: the directory to write (created; existing adapter files are overwritten).
         base: the base weights ``W₀`` (an ``nn.Module`` like ``model`` before training, or a
             mapping from parameter names to tensors), needed only for weights whose change is
-            not a known product (``random``, unknown initial factors).
+            unknown (``random``, ``svd``, unknown initial factors).
         rank: the largest rank to write per module; wider changes are truncated by SVD. For
-            the ``svd`` route the default is the group's ``rank``.
+            the ``masked`` and ``svd`` routes the default is the group's ``rank``.
         energy: instead of ``rank``, keep the smallest rank whose share of ``‖ΔW‖_F²`` reaches
             this value (in ``(0, 1]``).
         svd: ``"auto"``, ``"exact"`` or ``"lowrank"`` for the SVD of ``W − W₀``
@@ -247,8 +261,8 @@ def export_peft_adapter(
 
     Raises:
         ValueError: a trained parameter PEFT cannot express, a weight whose change needs
-            ``base`` when none is given, a missing base weight, bad arguments; nothing is
-            written then.
+            ``base`` when none is given, a missing base weight, module names PEFT would read
+            as other modules too, bad arguments; nothing is written then.
         TypeError: ``optimizer`` is not a ``LoRAAdam``; ``dtype`` is not a torch float dtype.
     """
     _check_optimizer(optimizer, "export_peft_adapter")
