@@ -622,7 +622,8 @@ class LoRAAdam(torch.optim.Optimizer):
     def _new_factors_target(self, p: Tensor, A: Tensor, B: Tensor, what: str
                             ) -> tuple[dict[str, Any], dict[str, Any], Projection]:
         """``(group, state, projection)`` of ``p`` after the checks every factor replacement needs
-        (not sharded, no pending pieces, shapes, finite values), before anything changes."""
+        (not sharded, no pending pieces, shapes, float dtypes, finite values, a sparsity mask where
+        the group asks for one), before anything changes."""
         if is_dtensor(p):
             raise ValueError(f"{what}: {self._name(p)} is sharded (FSDP2); set the factors in one process (load the "
                              "DCP checkpoint there) and reshard, or before wrapping the model")
@@ -640,6 +641,7 @@ class LoRAAdam(torch.optim.Optimizer):
                 raise TypeError(f"{what}: {name} must be a floating-point tensor for {self._name(p)}, got {tensor.dtype}")
             if not torch.isfinite(tensor).all():
                 raise ValueError(f"{what}: {name} has non-finite entries ({self._name(p)})")
+        sparsity_mask(state, group)  # raises now if preserve_sparsity was switched on after the state was made
         return group, state, projection
 
     def _reset_moments_(self, state: dict[str, Any]) -> None:

@@ -404,3 +404,19 @@ def test_config_files_name_each_module_exactly(tmp_path):
         assert layer.scaling["default"] == pytest.approx(opt.factor_scale(model.get_parameter(f"{module.module}.weight")),
                                                          rel=1e-15)
     assert all(key.startswith("^") for key in {**config["rank_pattern"], **config["alpha_pattern"]})
+
+
+def test_set_factors_with_a_mask_switched_on_late_changes_nothing():
+    """preserve_sparsity switched on after the state was made: set_factors(update_weight=True) and
+    merge_factors raise before the factors move."""
+    model = _model(sparse=True)
+    opt = im.optimizer_for(model, dense=())
+    im.train(model, opt, steps=1)
+    opt.param_groups[0]["preserve_sparsity"] = True
+    snapshot = _snapshot(model, opt)
+    A, B = opt.get_factors(model.lin.weight)
+    for write in (lambda: opt.set_factors(model.lin.weight, 2 * A, B, update_weight=True),
+                  lambda: opt.merge_factors(model.lin.weight, 2 * A, B)):
+        with pytest.raises(ValueError, match="preserve_sparsity"):
+            write()
+        assert _unchanged(model, opt, snapshot)

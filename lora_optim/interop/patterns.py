@@ -1,8 +1,8 @@
 """PEFT's rules for finding the modules a LoRA config names, and keys that name exactly one module.
 
-PEFT (0.10 to 0.21; ``tests/test_peft_patterns.py`` checks this mirror against PEFT's own
-functions) reads a config's module names by four rules, with ``key`` a module's full name in
-``model.named_modules()``:
+PEFT (0.21, as pinned in ``constraints.txt``; ``tests/test_peft_patterns.py`` checks this mirror
+against PEFT's own functions, so a PEFT that reads names otherwise fails there) reads a config's
+module names by four rules, with ``key`` a module's full name in ``model.named_modules()``:
 
 * ``target_modules`` as a list adapts ``key`` when ``key == t`` or ``key`` ends with ``"." + t``
   for some entry ``t``; as a string, when ``re.fullmatch(t, key)`` (:func:`is_target`);
@@ -21,6 +21,10 @@ alternation of the escaped names), and :func:`check_config` verifies, before any
 written, that under these rules PEFT adapts exactly the intended modules with their ranks and
 alphas and saves exactly the intended modules whole; a ``modules_to_save`` entry that cannot be
 made exact (a plain suffix has no anchor) raises ``ValueError`` naming both modules.
+
+``^`` with the full name is PEFT's own advice for a key that names one module (its pull request
+2419, 2025); PEFT releases from before that rule, whose pattern match has no optional prefix
+group, match no anchored key, so an adapter with per-module ranks or alphas needs a PEFT with it.
 """
 
 from __future__ import annotations
