@@ -420,3 +420,23 @@ def test_set_factors_with_a_mask_switched_on_late_changes_nothing():
         with pytest.raises(ValueError, match="preserve_sparsity"):
             write()
         assert _unchanged(model, opt, snapshot)
+
+
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense", "sparse"])
+def test_bf16_load_goes_through_the_write_mode(sparse, tmp_path):
+    """A bf16 model loads a float64 adapter through its group's write mode: W is the rounded
+    W0 + (s·L·R) ⊙ M (within one bf16 ulp per element, whatever the rounding mode) and every zero
+    stays zero."""
+    path, _, _ = _adapter(tmp_path)
+    model = _model(sparse).to(torch.bfloat16)
+    base = copy.deepcopy(model)
+    opt = im.optimizer_for(model, dense=(), preserve_sparsity=sparse, init="symmetric")
+    load_peft_adapter(model, opt, path)
+    loaded = im.load_with_peft(base.double(), path)
+    for name in LOW_RANK:
+        W0 = _matrix(base.get_parameter(name)).double()
+        expected = W0 + _peft_change(loaded, name.rpartition(".")[0], W0.shape) * (W0 != 0 if sparse else 1)
+        got = _matrix(model.get_parameter(name)).double()
+        assert ((got - expected).abs() <= 2 ** -7 * expected.abs()).all(), name  # one ulp: any rounding mode
+        if sparse:
+            assert torch.equal(got[W0 == 0], W0[W0 == 0]), name
