@@ -8,6 +8,7 @@ from lora_optim.activation import ActivationSide
 from lora_optim.drift import DriftReport
 from lora_optim.grad_mode import GradMode
 from lora_optim.interop import export_peft_adapter, load_peft_adapter, unmerge_
+from lora_optim.learnt_change import LearntChange
 from lora_optim.memory import optimizer_state_bytes
 from lora_optim.nonfinite import NonFiniteGradientError, NonFiniteGradientWarning
 from lora_optim.optimizer import LoRAAdam
@@ -38,6 +39,7 @@ __all__ = [
     "available_writers",
     "optimizer_state_bytes",
     "DriftReport",
+    "LearntChange",
     "NonFiniteGradientWarning",
     "NonFiniteGradientError",
     # interop with PEFT (lora_optim.interop)

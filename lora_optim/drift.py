@@ -32,6 +32,7 @@ from torch import Tensor
 
 from lora_optim.projections.base import FactorChange, Projection
 from lora_optim.seeding import derive_seed, seeded_generator
+from lora_optim.sparsity import masked_probe_delta
 from lora_optim.state_keys import DRIFT_CHANGE, DRIFT_KEYS, DRIFT_PROBES, DRIFT_REFERENCE
 
 __all__ = ["DRIFT_KEYS", "DriftReport", "init_drift_state", "record_drift_step_", "measure_drift", "probe_weight"]
@@ -73,9 +74,15 @@ def init_drift_state(weight: Tensor, count: int, seed: int) -> dict[str, Any]:
     }
 
 
-def record_drift_step_(state: dict[str, Any], projection: Projection, change: FactorChange, scale: float) -> None:
-    """Add this step's exact change of the probes, ``projection.probe_delta(...)``, to ``drift_change``."""
-    state[DRIFT_CHANGE].add_(projection.probe_delta(change, scale, state[DRIFT_PROBES]))
+def record_drift_step_(state: dict[str, Any], projection: Projection, change: FactorChange, scale: float,
+                       mask: Tensor | None = None) -> None:
+    """Add this step's exact change of the probes to ``drift_change``: ``projection.probe_delta(...)``,
+    or with the packed sparsity ``mask`` of a ``preserve_sparsity=True`` group the masked change
+    (:func:`lora_optim.sparsity.masked_probe_delta`)."""
+    if mask is None:
+        state[DRIFT_CHANGE].add_(projection.probe_delta(change, scale, state[DRIFT_PROBES]))
+    else:
+        state[DRIFT_CHANGE].add_(masked_probe_delta(projection, change, scale, state[DRIFT_PROBES], mask))
 
 
 def measure_drift(weight: Tensor, state: dict[str, Any]) -> DriftReport:

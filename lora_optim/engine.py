@@ -54,9 +54,9 @@ from lora_optim.matrix import as_matrix, writable_matrix
 from lora_optim.nonfinite import FiniteCheck, NonFiniteGradientError
 from lora_optim.precision import WeightWriter
 from lora_optim.projections.base import FactorChange, Projection
-from lora_optim.sparsity import mask_grad, masked_probe_delta, sparsity_mask
-from lora_optim.state_keys import DRIFT_CHANGE, DRIFT_PROBES, EXP_AVG, EXP_AVG_SQ, MOMENT_KEYS, STEP
-from lora_optim.weight_change import MaskedWeightDelta, WeightDelta
+from lora_optim.sparsity import mask_grad, sparsity_mask
+from lora_optim.state_keys import DRIFT_CHANGE, EXP_AVG, EXP_AVG_SQ, MOMENT_KEYS, STEP
+from lora_optim.weight_change import weight_delta
 
 __all__ = [
     "AdamHyper",
@@ -528,12 +528,7 @@ def _write_lowrank_(batch: LowRankBatch, items: list[LowRankItem], positions: li
         change = FactorChange(old_A, old_B, A, B, step_A, step_B, item.row_offset)
         mask = sparsity_mask(item.state, batch.options)  # preserve_sparsity: (s·ΔW) ⊙ M
         if DRIFT_CHANGE in item.state:
-            if mask is None:
-                record_drift_step_(item.state, projection, change, batch.scale)
-            else:
-                item.state[DRIFT_CHANGE].add_(masked_probe_delta(projection, change, batch.scale,
-                                                                 item.state[DRIFT_PROBES], mask))
-        delta = (WeightDelta(projection, change, batch.scale) if mask is None
-                 else MaskedWeightDelta(projection, change, batch.scale, mask))
+            record_drift_step_(item.state, projection, change, batch.scale, mask)
+        delta = weight_delta(projection, change, batch.scale, mask)
         with writable_matrix(item.param) as weight:
             item.writer.write_(weight, item.state, delta)

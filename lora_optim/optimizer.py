@@ -23,11 +23,12 @@ import torch
 from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
-from lora_optim import accumulation, engine
+from lora_optim import accumulation, engine, initial_factors
 from lora_optim.checkpoint import check_loadable
 from lora_optim.distributed import LocalState, WholeState, all_reduce_sum_, is_dtensor, local, row_shard, shard_rows_
 from lora_optim.drift import DriftReport, init_drift_state, measure_drift, record_drift_step_
 from lora_optim.grad_mode import GradMode
+from lora_optim.learnt_change import LearntChange, learnt_change_of
 from lora_optim.matrix import as_matrix, matrix_shape, writable_matrix
 from lora_optim.nonfinite import warn_skipped
 from lora_optim.option_table import (
@@ -41,7 +42,7 @@ from lora_optim.precision import default_precision, factor_dtype, get_writer
 from lora_optim.projections import FactorChange, Projection, get_projection
 from lora_optim.projections import projection_options as registered_projection_options
 from lora_optim.seeding import derive_seed
-from lora_optim.sparsity import init_sparsity_state
+from lora_optim.sparsity import init_sparsity_state, sparsity_mask
 from lora_optim.state_keys import (
     ACCUMULATED_GRAD_A,
     ACCUMULATED_GRAD_B,
@@ -56,7 +57,7 @@ from lora_optim.state_keys import (
     SEED,
     STEP,
 )
-from lora_optim.weight_change import WeightDelta
+from lora_optim.weight_change import weight_delta
 
 __all__ = ["LoRAAdam"]
 
@@ -620,6 +621,49 @@ class LoRAAdam(torch.optim.Optimizer):
         A, B = projection.current_factors(state, group)
         return A.clone(), B.clone()
 
+    def _new_factors_target(self, p: Tensor, A: Tensor, B: Tensor, what: str
+                            ) -> tuple[dict[str, Any], dict[str, Any], Projection]:
+        """``(group, state, projection)`` of ``p`` after the checks every factor replacement needs
+        (not sharded, no pending pieces, shapes, float dtypes, finite values, a sparsity mask where
+        the group asks for one), before anything changes."""
+        if is_dtensor(p):
+            raise ValueError(f"{what}: {self._name(p)} is sharded (FSDP2); set the factors in one process (load the "
+                             "DCP checkpoint there) and reshard, or before wrapping the model")
+        group, state, projection = self._low_rank_target(p, what)
+        if accumulation.open_sums(state) is not None:
+            raise RuntimeError(f"{what}: {self._name(p)} has projected gradient pieces of the coming step, made "
+                               f"with the current factors; call {what} before backward or after step()")
+        out_features, in_features = matrix_shape(p.shape)
+        rank = state[RANK]
+        for name, tensor, expected in (("A", A, (out_features, rank)), ("B", B, (rank, in_features))):
+            if not isinstance(tensor, Tensor) or tuple(tensor.shape) != expected:
+                shape = tuple(tensor.shape) if isinstance(tensor, Tensor) else type(tensor).__name__
+                raise ValueError(f"{what}: {name} must have shape {expected} for {self._name(p)}, got {shape}")
+            if not tensor.is_floating_point():
+                raise TypeError(f"{what}: {name} must be a floating-point tensor for {self._name(p)}, got {tensor.dtype}")
+            if not torch.isfinite(tensor).all():
+                raise ValueError(f"{what}: {name} has non-finite entries ({self._name(p)})")
+        sparsity_mask(state, group)  # raises now if preserve_sparsity was switched on after the state was made
+        return group, state, projection
+
+    def _reset_moments_(self, state: dict[str, Any]) -> None:
+        # New factors: the moments and the step count described the old ones.
+        for keys in MOMENT_KEYS.values():
+            for key in keys:
+                state[key].zero_()
+        state[STEP].zero_()
+
+    def _write_factor_change_(self, p: Tensor, group: Mapping[str, Any], state: dict[str, Any], projection: Projection,
+                              change: FactorChange) -> None:
+        """Write ``s·(Δ(A', B') − Δ(A, B))`` of ``change`` into ``W`` as a step does: masked in a
+        ``preserve_sparsity`` group, recorded in the drift probes, through the group's write mode."""
+        scale = self._scale(group)
+        mask = sparsity_mask(state, group)
+        if DRIFT_CHANGE in state:
+            record_drift_step_(state, projection, change, scale, mask)
+        with writable_matrix(p) as weight:
+            get_writer(self._precision(p, group)).write_(weight, state, weight_delta(projection, change, scale, mask))
+
     @torch.no_grad()
     def set_factors(self, p: Tensor, A: Tensor, B: Tensor, *, update_weight: bool = False) -> None:
         """Replace the factors of ``p`` by copies of ``A`` (``out×r``) and ``B`` (``r×in``).
@@ -630,31 +674,20 @@ class LoRAAdam(torch.optim.Optimizer):
         factors made elsewhere (e.g. PEFT's init, or an SVD of ``W``).
 
         With ``update_weight=True`` the factors move and ``W`` moves with them:
-        ``W += s·(Δ(A, B) − Δ(A_cur, B_cur))``, written by the group's write mode (so a bf16
-        weight with ``compensated`` writes keeps its Kahan buffer), and the base stays what it
-        was. This merges an adapter (``A``, ``B`` = PEFT's ``lora_B``, ``lora_A``), unmerges one
-        (``A``, ``B`` = :meth:`initial_factors`) or switches tasks (:mod:`lora_optim.interop`).
+        ``W += s·(Δ(A, B) − Δ(A_cur, B_cur)) ⊙ M`` (``M``: the mask of a ``preserve_sparsity``
+        group, else all ones), written by the group's write mode (so a bf16 weight with
+        ``compensated`` writes keeps its Kahan buffer) and recorded in the drift probes, as a
+        step is; the base stays what it was. This unmerges (``A``, ``B`` = :meth:`initial_factors`);
+        to put ``W`` at ``W_base + s·A·B`` whatever the current change (load an adapter, switch
+        tasks) use :meth:`merge_factors`.
 
         The factors' Adam moments and step count are reset to zero: they described the old
-        factors. ``r`` must equal the parameter's effective rank ``min(rank, out, in)``. Raises
-        ``RuntimeError`` while projected gradient pieces of the coming step are summed (they were
-        formed with the old factors): call it before ``backward`` or after ``step()``.
+        factors. ``r`` must equal the parameter's effective rank ``min(rank, out, in)``; ``A`` and
+        ``B`` must be finite. Raises ``RuntimeError`` while projected gradient pieces of the coming
+        step are summed (they were formed with the old factors): call it before ``backward`` or
+        after ``step()``. Every check runs before anything changes.
         """
-        if is_dtensor(p):
-            raise ValueError(f"set_factors: {self._name(p)} is sharded (FSDP2); set the factors in one process (load the "
-                             "DCP checkpoint there) and reshard, or before wrapping the model")
-        group, state, projection = self._low_rank_target(p, "set_factors")
-        if accumulation.open_sums(state) is not None:
-            raise RuntimeError(f"set_factors: {self._name(p)} has projected gradient pieces of the coming step, made "
-                               "with the current factors; call set_factors before backward or after step()")
-        out_features, in_features = matrix_shape(p.shape)
-        rank = state[RANK]
-        for name, tensor, expected in (("A", A, (out_features, rank)), ("B", B, (rank, in_features))):
-            if not isinstance(tensor, Tensor) or tuple(tensor.shape) != expected:
-                shape = tuple(tensor.shape) if isinstance(tensor, Tensor) else type(tensor).__name__
-                raise ValueError(f"set_factors: {name} must have shape {expected} for this parameter, got {shape}")
-            if not torch.isfinite(tensor).all():
-                raise ValueError(f"set_factors: {name} has non-finite entries")
+        group, state, projection = self._new_factors_target(p, A, B, "set_factors")
         if not isinstance(update_weight, bool):
             raise TypeError(f"set_factors: update_weight must be True or False, got {update_weight!r}")
         moment = state[MOMENT_KEYS["A"][0]]
@@ -663,21 +696,58 @@ class LoRAAdam(torch.optim.Optimizer):
                 old_A, old_B = (t.clone() for t in projection.current_factors(state, group))
             projection.set_factors_(state, A.to(device=moment.device, dtype=moment.dtype),
                                     B.to(device=moment.device, dtype=moment.dtype), group)
-            for keys in MOMENT_KEYS.values():
-                for key in keys:
-                    state[key].zero_()
-            state[STEP].zero_()
+            self._reset_moments_(state)
             if not update_weight:
                 projection.record_base_(state, group)
                 return
             new_A, new_B = projection.current_factors(state, group)
+            if not (torch.equal(old_A, new_A) and torch.equal(old_B, new_B)):
+                initial_factors.moved_(state)  # W moves without a step
             change = FactorChange(old_A, old_B, new_A, new_B, new_A - old_A, new_B - old_B)
-            scale = self._scale(group)
-            if DRIFT_CHANGE in state:
-                record_drift_step_(state, projection, change, scale)
         # Outside inference_mode(False), which turns grad mode back on: the write is in place on W.
-        with writable_matrix(p) as weight:
-            get_writer(self._precision(p, group)).write_(weight, state, WeightDelta(projection, change, scale))
+        self._write_factor_change_(p, group, state, projection, change)
+
+    @torch.no_grad()
+    def merge_factors(self, p: Tensor, A: Tensor, B: Tensor) -> None:
+        """Put ``W`` at ``W_base + (s·A·B) ⊙ M`` exactly, whatever it learnt so far, and continue
+        from the factors ``(A, B)``: the merge of a LoRA adapter (``A``, ``B`` = PEFT's ``lora_B``,
+        ``lora_A``) on a fresh or a trained optimizer (task switching). ``M`` is the mask of a
+        ``preserve_sparsity`` group (else all ones).
+
+        With the current change ``s·L·R`` (:meth:`learnt_change`; ``k`` columns, ``k ≥ r``) one write
+        adds ``(s·(A·B − L·R)) ⊙ M``: the ``lora`` write of the factor step from ``(L, R)`` to
+        ``(A, B)`` padded with zeros to ``k``, through the group's write mode and the drift probes.
+        Afterwards the base excludes a zero product (:data:`~lora_optim.initial_factors.ZERO`), so
+        :meth:`weight_change_factors` is ``(A, B)`` and :meth:`initial_factors` is ``(0, B)``
+        whatever the init was; the moments and step count restart at zero.
+
+        Only for ``projection="lora"`` groups. Raises ``ValueError`` naming the parameter, the
+        projection and the init when the current change is unknown (a non-zero initial product
+        without ``keep_initial_factors=True`` after ``W`` has moved), and otherwise as
+        :meth:`set_factors`; every check runs before anything changes.
+        """
+        group, state, projection = self._new_factors_target(p, A, B, "merge_factors")
+        if group["projection"] != "lora":
+            raise ValueError(f"merge_factors: {self._name(p)} is trained with projection {group['projection']!r}; "
+                             "an adapter's factors (W = W_base + s·A·B) continue as projection='lora'")
+        current = learnt_change_of(projection, state, group, self._scale(group))
+        if current.factors is None:
+            raise ValueError(f"merge_factors: the change of {self._name(p)} since its base is unknown, so W cannot be "
+                             f"set to W_base + s·A·B: {current.unknown}")
+        L, R = current.factors
+        moment = state[MOMENT_KEYS["A"][0]]
+        with torch.inference_mode(False):
+            new_A = torch.zeros_like(L)
+            new_B = torch.zeros_like(R)
+            rank = A.shape[1]
+            new_A[:, :rank] = A.to(device=moment.device, dtype=moment.dtype)
+            new_B[:rank] = B.to(device=moment.device, dtype=moment.dtype)
+            change = FactorChange(L, R, new_A, new_B, new_A - L, new_B - R)
+            projection.set_factors_(state, new_A[:, :rank], new_B[:rank], group)
+            self._reset_moments_(state)
+            stored_A, stored_B = projection.current_factors(state, group)
+            initial_factors.record_(state, stored_A, stored_B, zero=True, keep=False)
+        self._write_factor_change_(p, group, state, projection, change)
 
     def factor_scale(self, p: Tensor) -> float:
         """The scale ``s`` of the low-rank parameter ``p``'s group: ``alpha / rank``, or
@@ -688,29 +758,50 @@ class LoRAAdam(torch.optim.Optimizer):
             raise ValueError(f"factor_scale: {self._name(p)} is trained by plain AdamW; it has no factors")
         return self._scale(group)
 
+    def learnt_change(self, p: Tensor) -> LearntChange:
+        """``W − W_base`` of the low-rank parameter ``p``: ``(s·L·R) ⊙ M`` with its factors, mask and
+        initial factors, or unknown (:class:`~lora_optim.learnt_change.LearntChange`). What every
+        consumer of the change asks for: adapter export, unmerge, adapter load, task switching.
+        Creates the state if ``p`` has not been stepped. ``ValueError`` for densely trained
+        parameters."""
+        group, state, projection = self._low_rank_target(p, "learnt_change")
+        return learnt_change_of(projection, state, group, self._scale(group))
+
     def initial_factors(self, p: Tensor) -> tuple[Tensor, Tensor] | None:
         """Copies of factors ``(A₀, B₀)`` whose change equals the base's (:mod:`lora_optim.initial_factors`):
-        ``set_factors(p, A₀, B₀, update_weight=True)`` puts ``W`` back to its base (unmerge).
+        ``set_factors(p, A₀, B₀, update_weight=True)`` puts ``W`` back to its base (unmerge; masked
+        in a ``preserve_sparsity`` group, as every write).
 
         ``None`` when they are unknown: an init with a non-zero ``A₀·B₀`` (or a :meth:`set_factors`
-        with two non-zero factors) in a group without ``keep_initial_factors=True``, or a
-        projection whose change is not a function of the factors (``random``). Creates the state
-        if ``p`` has not been stepped. ``ValueError`` for densely trained parameters.
+        with two non-zero factors) in a group without ``keep_initial_factors=True``, once ``W`` has
+        moved, or a projection whose change is not a function of the factors (``random``,
+        ``svd``). Creates the state if ``p`` has not been stepped. ``ValueError`` for densely
+        trained parameters.
         """
-        group, state, projection = self._low_rank_target(p, "initial_factors")
-        return projection.initial_factors(state, group)
+        return self.learnt_change(p).initial
 
     def weight_change_factors(self, p: Tensor) -> tuple[Tensor, Tensor] | None:
         """``(L, R)`` with ``W = W_base + s·L·R`` exactly (``s`` = :meth:`factor_scale`), or ``None``
-        when the change is unknown or not of that form (see :meth:`initial_factors`).
+        when the change is unknown or not of that form: see :meth:`initial_factors`, and a
+        ``preserve_sparsity`` group whose mask has zeros, whose change ``(s·L·R) ⊙ M`` is not a
+        product (:meth:`learnt_change` has it).
 
         ``lora`` with PEFT's init: ``(A, B)``, rank ``r``; with kept non-zero initial factors:
         ``([A, −A₀], [B; B₀])``, rank ``2r``; ``additive``: ``([A, E_r], [E_c; B])``, rank
-        ``2r``. This is what :func:`lora_optim.interop.export_peft_adapter` writes. The base is the
-        weight when the factors were made or last set with ``update_weight=False``.
+        ``2r``. The base is the weight when the factors were made or last set with
+        ``update_weight=False``.
         """
-        group, state, projection = self._low_rank_target(p, "weight_change_factors")
-        return projection.change_factors(state, group)
+        change = self.learnt_change(p)
+        return change.factors if change.low_rank else None
+
+    def has_pending_pieces(self, p: Tensor) -> bool:
+        """Whether projected gradient pieces of the coming step are summed for ``p`` (the per-layer
+        or activation-side modes, between ``backward`` and ``step()``): they were made with the
+        current factors, so nothing may move the factors until the step. ``ValueError`` if ``p``
+        is not ours."""
+        self._locate(p)
+        state = self.state.get(p)
+        return bool(state) and accumulation.open_sums(state) is not None
 
     # ------------------------------------------------------------------ reliability
 

@@ -33,7 +33,7 @@ from lora_optim.kernels.blocks import row_blocks
 from lora_optim.projections.base import FactorChange, Projection
 from lora_optim.sparsity import unpack_mask
 
-__all__ = ["WeightDelta", "MaskedWeightDelta"]
+__all__ = ["WeightDelta", "MaskedWeightDelta", "weight_delta"]
 
 
 class WeightDelta:
@@ -101,3 +101,12 @@ class MaskedWeightDelta(WeightDelta):
             self.projection.add_delta_(block, self.change, self.scale, row_start + start)
             block.mul_(unpack_mask(self.mask[row_start + start : row_start + stop], cols))
             target[start:stop].add_(block)
+
+
+def weight_delta(projection: Projection, change: FactorChange, scale: float, mask: Tensor | None) -> WeightDelta:
+    """The change a write receives for a step ``change`` of the factors: ``s·(Δ(A', B') − Δ(A, B))``,
+    masked by the packed ``mask`` (:class:`MaskedWeightDelta`) when the group has
+    ``preserve_sparsity=True`` (:func:`lora_optim.sparsity.sparsity_mask`), else plain."""
+    if mask is None:
+        return WeightDelta(projection, change, scale)
+    return MaskedWeightDelta(projection, change, scale, mask)

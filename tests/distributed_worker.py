@@ -176,10 +176,12 @@ def scenario_fsdp(rank: int, world: int, mode: str = "plain") -> dict:
     except ValueError as error:
         refusals["max_grad_norm"] = (str(error), torch.equal(before, flat_params(model)))
     optimizer = make_optimizer(model, {})
-    try:
-        optimizer.set_factors(model.fc1.weight, torch.zeros(7, 4), torch.zeros(4, 6))
-    except ValueError as error:
-        refusals["set_factors"] = (str(error), True)
+    for what in ("set_factors", "merge_factors"):
+        before = flat_params(model)
+        try:
+            getattr(optimizer, what)(model.fc1.weight, torch.zeros(7, 4), torch.zeros(4, 6))
+        except ValueError as error:
+            refusals[what] = (str(error), torch.equal(before, flat_params(model)))
     results["refusals"] = refusals
     return results
 

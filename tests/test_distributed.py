@@ -173,7 +173,7 @@ def test_fsdp2_refuses_what_has_no_sharded_form(fsdp):
     for result in fsdp:
         assert result["refused"] is not None and "drift" in result["refused"]
         refusals = result["refusals"]
-        assert set(refusals) == {"max_grad_norm", "set_factors"}
+        assert set(refusals) == {"max_grad_norm", "set_factors", "merge_factors"}
         for what, (message, unchanged) in refusals.items():
             assert what in message and "sharded" in message and unchanged, what
 

@@ -16,21 +16,12 @@ from torch.func import functional_call
 from grad_modes import MODE_PROJECTIONS, loss_fn, make_batches, make_model, rel
 from lora_optim import LoRAAdam, available_writers, optimizer_state_bytes
 from lora_optim.sparsity import mask_bytes, pack_mask, unpack_mask
-from twins import additive_delta, lora_delta
+from twins import additive_delta, lora_delta, prune_
 
 TOL = 1e-10
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: thread hand-offs only cost time
-
-
-def prune_(weight: torch.Tensor, sparsity: float = 0.5) -> torch.Tensor:
-    """Zero the ``sparsity`` share of entries of smallest magnitude in place; returns the mask ``W ≠ 0``."""
-    with torch.no_grad():
-        k = int(sparsity * weight.numel())
-        threshold = weight.abs().flatten().kthvalue(k).values
-        weight.masked_fill_(weight.abs() <= threshold, 0.0)
-    return weight != 0
 
 
 class MaskedTwin:

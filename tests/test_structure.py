@@ -171,3 +171,16 @@ def test_the_modes_use_only_public_members_of_the_optimizer(module):
              if isinstance(node, ast.Attribute) and ast.unparse(node.value) in {"optimizer", "self._optimizer"}}
     assert calls, "the check would pass vacuously"
     assert all(not call.split(".")[-1].startswith("_") for call in calls), calls
+
+
+@pytest.mark.parametrize("module", ["lora_optim.interop.peft_adapter", "lora_optim.interop.unmerge"])
+def test_interop_uses_only_public_members_of_the_optimizer(module):
+    """Export, load and unmerge ask the optimizer (the change it made, pending pieces) like every
+    other caller: no private member, and no import of the modules that hold its state's parts."""
+    tree = _modules()[module]
+    calls = {ast.unparse(node) for node in ast.walk(tree)
+             if isinstance(node, ast.Attribute) and ast.unparse(node.value) == "optimizer"}
+    assert calls, "the check would pass vacuously"
+    assert all(not call.split(".")[-1].startswith("_") for call in calls), calls
+    state_modules = {"lora_optim.accumulation", "lora_optim.initial_factors", "lora_optim.sparsity"}
+    assert not _graph()[module] & state_modules, _graph()[module] & state_modules

@@ -17,6 +17,15 @@ def lora_delta(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     return A @ B
 
 
+def prune_(weight: torch.Tensor, sparsity: float = 0.5) -> torch.Tensor:
+    """Zero the ``sparsity`` share of entries of smallest magnitude in place; returns the mask ``W ≠ 0``."""
+    with torch.no_grad():
+        k = int(sparsity * weight.numel())
+        threshold = weight.abs().flatten().kthvalue(k).values
+        weight.masked_fill_(weight.abs() <= threshold, 0.0)
+    return weight != 0
+
+
 def additive_delta(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     """``Δ_ij = A[i, j mod r] + B[i mod r, j]`` built with index tensors."""
     out_features, rank = A.shape

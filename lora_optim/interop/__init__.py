@@ -7,10 +7,12 @@
 * :func:`unmerge_`: put the weights back to their base (:mod:`lora_optim.interop.unmerge`).
 
 Everything here goes through the optimizer's public surface (``param_groups``, ``state``,
-:meth:`~lora_optim.LoRAAdam.weight_change_factors`,
-:meth:`~lora_optim.LoRAAdam.initial_factors`, :meth:`~lora_optim.LoRAAdam.factor_scale`,
-:meth:`~lora_optim.LoRAAdam.set_factors`). The recipes, including ``transformers.Trainer``, are
-in ``docs/interop.md``.
+:meth:`~lora_optim.LoRAAdam.learnt_change` (the one record of ``W − W_base``,
+:mod:`lora_optim.learnt_change`), :meth:`~lora_optim.LoRAAdam.factor_scale`,
+:meth:`~lora_optim.LoRAAdam.has_pending_pieces`, :meth:`~lora_optim.LoRAAdam.set_factors`,
+:meth:`~lora_optim.LoRAAdam.merge_factors`); module names are written as PEFT reads them
+(:mod:`lora_optim.interop.patterns`). The recipes, including ``transformers.Trainer``, and the
+table of what is exact, what is a truncated SVD and what is refused are in ``docs/interop.md``.
 """
 
 from lora_optim.interop.peft_adapter import (

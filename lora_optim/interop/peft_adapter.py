@@ -1,29 +1,42 @@
 """PEFT adapters out of and into a :class:`~lora_optim.LoRAAdam` run.
 
-A run of the optimizer leaves its result in the weights: ``W = W_base + s·L·R`` for every
-low-rank weight (:mod:`lora_optim.initial_factors`). :func:`export_peft_adapter` writes that
-change as a directory ``peft.PeftModel.from_pretrained(base_model, path)`` loads
-(``adapter_config.json`` and ``adapter_model.safetensors`` with PEFT's key names), and
-:func:`load_peft_adapter` merges a PEFT adapter into the weights and continues from its factors.
+A run of the optimizer leaves its result in the weights: ``W = W_base + (s·L·R) ⊙ M`` for every
+low-rank weight (:mod:`lora_optim.learnt_change`; ``M`` is the mask of a ``preserve_sparsity``
+group, all ones otherwise). :func:`export_peft_adapter` writes that change as a directory
+``peft.PeftModel.from_pretrained(base_model, path)`` loads (``adapter_config.json`` and
+``adapter_model.safetensors`` with PEFT's key names), and :func:`load_peft_adapter` merges a PEFT
+adapter into the weights and continues from its factors. Both ask the optimizer for the change
+(:meth:`LoRAAdam.learnt_change <lora_optim.LoRAAdam.learnt_change>`) and nothing else.
 
 Export, per low-rank weight (the routes of :mod:`lora_optim.interop.svd`):
 
-* **exact**: :meth:`LoRAAdam.weight_change_factors <lora_optim.LoRAAdam.weight_change_factors>`
-  knows ``(L, R)``: ``lora`` with PEFT's init writes ``(A, B)`` (rank ``r``), with kept non-zero
-  initial factors ``([A, −A₀], [B; B₀])`` (rank ``2r``), ``additive`` its exact rank-``2r`` form.
-  PEFT's ``lora_B``/``lora_A`` are our ``A``/``B`` unchanged and ``lora_alpha`` is chosen so that
-  PEFT's scaling is our ``s`` (``alpha = s·k``, or ``s·√k`` with ``use_rslora``): PEFT continues
-  the same parametrisation.
+* **exact**: the change is known and unmasked, ``s·L·R``: ``lora`` with a zero initial product
+  writes ``(A, B)`` (rank ``r``), with kept non-zero initial factors ``([A, −A₀], [B; B₀])``
+  (rank ``2r``), ``additive`` its exact rank-``2r`` form. PEFT's ``lora_B``/``lora_A`` are our
+  ``A``/``B`` unchanged and ``lora_alpha`` is chosen so that PEFT's scaling is our ``s``
+  (``alpha = s·k``, or ``s·√k`` with ``use_rslora``): PEFT continues the same parametrisation.
 * **truncated**: with ``rank=`` or ``energy=``, a product wider than asked is cut to its best
   approximation (an SVD of the ``k×k`` core; no base weights needed).
-* **svd**: the change is not a known product (``random``, whose change sums its draws; an init
-  with a non-zero ``A₀·B₀`` whose factors were not kept): ``ΔW = W − W₀`` with ``W₀`` from
-  ``base=`` (the base model, or a state dict of it: ``{name: tensor}`` as
-  ``model.state_dict()`` names them; keep it on the CPU or on disk, the optimizer keeps no copy
-  of ``W₀``), truncated to ``rank`` (default: the group's) or to an ``energy`` share.
+* **masked**: a ``preserve_sparsity=True`` group whose base had zeros: the known change
+  ``(s·L·R) ⊙ M`` is not a low-rank product, so it is formed and truncated by an SVD to ``rank``
+  (default: the group's; ``min(out, in)`` is exact) or to an ``energy`` share; no base weights
+  needed.
+* **svd**: the change is unknown (``random`` and ``svd``, whose change sums every draw or basis;
+  an init with a non-zero ``A₀·B₀`` whose factors were not kept, once trained):
+  ``ΔW = W − W₀`` with ``W₀`` from ``base=`` (the base model, or a state dict of it:
+  ``{name: tensor}`` as ``model.state_dict()`` names them; keep it on the CPU or on disk, the
+  optimizer keeps no copy of ``W₀``), truncated to ``rank`` (default: the group's) or to an
+  ``energy`` share. Without ``base=`` such a weight raises ``ValueError`` naming it, its
+  projection and init; nothing is written then.
 
 The report (:class:`AdapterExport`) gives each module's route, rank and the share of
 ``‖ΔW‖_F²`` it keeps (``1.0`` for exact factors).
+
+The config names every module exactly under PEFT's matching rules (:mod:`lora_optim.interop.patterns`:
+anchored ``rank_pattern``/``alpha_pattern`` keys, ``target_modules`` as one expression where a
+list of names would match more modules); where no config can (a ``modules_to_save`` entry that
+is the end of another module's name) it raises ``ValueError`` naming both modules, before
+anything is written.
 
 Densely trained parameters are saved as PEFT saves them: the bias of an adapted layer with
 ``bias="lora_only"``, any other module holding a trained parameter as ``modules_to_save`` (PEFT
@@ -49,10 +62,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lora_optim import accumulation
 from lora_optim.distributed import is_dtensor
 from lora_optim.interop.layers import ADAPTER_PREFIX, PeftLayer, peft_layer
+from lora_optim.interop.patterns import check_config, exact_pattern, pattern_value, target_modules_for
 from lora_optim.interop.svd import SVD_METHODS, Truncation, truncate_dense, truncate_product
+from lora_optim.learnt_change import masked_share
 from lora_optim.matrix import as_matrix
 from lora_optim.optimizer import LoRAAdam
 from lora_optim.precision import factor_dtype
@@ -80,8 +94,9 @@ class ModuleExport:
 
     Attributes:
         module: the module's name (PEFT's target).
-        route: ``"exact"`` (the optimizer's factors), ``"truncated"`` (an SVD of them) or
-            ``"svd"`` (an SVD of ``W − W₀``).
+        route: ``"exact"`` (the optimizer's factors), ``"truncated"`` (an SVD of them),
+            ``"masked"`` (an SVD of the masked change ``(s·L·R) ⊙ M`` of a ``preserve_sparsity``
+            group) or ``"svd"`` (an SVD of ``W − W₀``).
         rank: the adapter's rank for this module.
         alpha: the ``lora_alpha`` written for it (PEFT's scaling is ``alpha / rank``, or
             ``alpha / √rank`` with ``use_rslora``; it equals the optimizer's ``s``).
@@ -126,10 +141,19 @@ class AdapterImport:
     Attributes:
         modules: the modules whose factors were taken from the adapter (and merged into ``W``).
         copied: the parameters copied from the adapter (``modules_to_save``, biases).
+        kept: per module of ``modules``, the share of the adapter's change ``‖s·lora_B·lora_A‖_F²``
+            merged: ``1.0``, except in a ``preserve_sparsity=True`` group, which merges the masked
+            change ``(s·lora_B·lora_A) ⊙ M`` (:func:`lora_optim.learnt_change.masked_share`).
     """
 
     modules: tuple[str, ...]
     copied: tuple[str, ...]
+    kept: tuple[float, ...] = ()
+
+    @property
+    def min_kept(self) -> float:
+        """The smallest kept share over the modules (``1.0`` when every module merged all of it)."""
+        return min(self.kept, default=1.0)
 
 
 # ----------------------------------------------------------------------------- model structure
@@ -195,12 +219,6 @@ def _scale_alpha(scale: float, rank: int, rslora: bool) -> float:
     return scale * (math.sqrt(rank) if rslora else rank)
 
 
-def _pattern(module_name: str) -> str:
-    # PEFT reads rank_pattern / alpha_pattern keys as regular expressions matched at the end of a
-    # module name; an escaped full name matches that module only.
-    return re.escape(module_name)
-
-
 # ----------------------------------------------------------------------------- export
 
 
@@ -226,9 +244,9 @@ def export_peft_adapter(
         path: the directory to write (created; existing adapter files are overwritten).
         base: the base weights ``W₀`` (an ``nn.Module`` like ``model`` before training, or a
             mapping from parameter names to tensors), needed only for weights whose change is
-            not a known product (``random``, unknown initial factors).
+            unknown (``random``, ``svd``, unknown initial factors).
         rank: the largest rank to write per module; wider changes are truncated by SVD. For
-            the ``svd`` route the default is the group's ``rank``.
+            the ``masked`` and ``svd`` routes the default is the group's ``rank``.
         energy: instead of ``rank``, keep the smallest rank whose share of ``‖ΔW‖_F²`` reaches
             this value (in ``(0, 1]``).
         svd: ``"auto"``, ``"exact"`` or ``"lowrank"`` for the SVD of ``W − W₀``
@@ -243,8 +261,8 @@ def export_peft_adapter(
 
     Raises:
         ValueError: a trained parameter PEFT cannot express, a weight whose change needs
-            ``base`` when none is given, a missing base weight, bad arguments; nothing is
-            written then.
+            ``base`` when none is given, a missing base weight, module names PEFT would read
+            as other modules too, bad arguments; nothing is written then.
         TypeError: ``optimizer`` is not a ``LoRAAdam``; ``dtype`` is not a torch float dtype.
     """
     _check_optimizer(optimizer, "export_peft_adapter")
@@ -301,7 +319,7 @@ def export_peft_adapter(
             if isinstance(layer_bias, Tensor):
                 tensors[f"{ADAPTER_PREFIX}{name}.base_layer.bias"] = layer_bias.detach()
 
-    config = _config(peft, reports, sorted(modules_to_save), bias, use_rslora, base_model_name_or_path)
+    config = _config(peft, model, reports, sorted(modules_to_save), bias, use_rslora, base_model_name_or_path)
     directory = Path(path)
     directory.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(str(directory))
@@ -351,20 +369,23 @@ def _module_factors(
     p: Tensor, owner: _Owner, optimizer: LoRAAdam, group: Mapping[str, Any], scale: float,
     base_weights: Mapping[str, Tensor] | None, *, rank: int | None, energy: float | None, svd: str, seed: int,
 ) -> tuple[Tensor, Tensor, str, float]:
-    """``(L, R, route, kept)`` with ``s·L·R`` the module's exported change."""
-    exact = optimizer.weight_change_factors(p)
-    if exact is not None:
-        L, R = exact
+    """``(L, R, route, kept)`` with ``s·L·R`` the module's exported change (the routes of the module
+    docstring, from :meth:`LoRAAdam.learnt_change <lora_optim.LoRAAdam.learnt_change>`)."""
+    change = optimizer.learnt_change(p)
+    target_rank = rank if rank is not None else (group["rank"] if energy is None else None)
+    if change.low_rank:
+        L, R = change.factors
         if (rank is None or L.shape[1] <= rank) and (energy is None or energy >= 1.0):
             return L, R, "exact", 1.0
         cut = truncate_product(L, R, rank=rank, energy=energy)
         return cut.L, cut.R, "truncated", cut.kept
+    if change.known:  # preserve_sparsity: (s·L·R) ⊙ M has no low-rank form; no base weights needed
+        cut = truncate_dense(change.masked_product(), rank=target_rank, energy=energy, method=svd, seed=seed)
+        return cut.L, cut.R, "masked", cut.kept
     if base_weights is None:
         raise ValueError(
-            f"export_peft_adapter: the change of {owner.full_name} is not known as factors (projection "
-            f"{group['projection']!r}, or initial factors with a non-zero product that were not kept: construct the "
-            "optimizer with keep_initial_factors=True); pass base= (the base model or its state dict) to export it "
-            "by an SVD of W - W0"
+            f"export_peft_adapter: the change of {owner.full_name} is not known from the optimizer state "
+            f"({change.unknown}); pass base= (the base model or its state dict) to export it by an SVD of W - W0"
         )
     initial = base_weights.get(owner.full_name)
     if not isinstance(initial, Tensor) or tuple(initial.shape) != tuple(p.shape):
@@ -373,23 +394,32 @@ def _module_factors(
                          f"({got})")
     compute = factor_dtype(p.dtype)
     delta = as_matrix(p.detach()).to(compute) - as_matrix(initial.detach()).to(device=p.device, dtype=compute)
-    target_rank = rank if rank is not None else (group["rank"] if energy is None else None)
     cut: Truncation = truncate_dense(delta / scale, rank=target_rank, energy=energy, method=svd, seed=seed)
     return cut.L, cut.R, "svd", cut.kept
 
 
-def _config(peft, reports: list[ModuleExport], modules_to_save: list[str], bias: str, use_rslora: bool,
-            base_model_name_or_path: str | None):
+def _config(peft, model: nn.Module, reports: list[ModuleExport], modules_to_save: list[str], bias: str,
+            use_rslora: bool, base_model_name_or_path: str | None):
+    """PEFT's ``LoraConfig`` for ``reports``, with keys that match exactly the intended modules of
+    ``model`` under PEFT's rules (:mod:`lora_optim.interop.patterns`); ``ValueError`` where that is
+    impossible."""
     ranks = Counter(report.rank for report in reports)
     common_rank = max(ranks, key=lambda r: (ranks[r], -r))
     alphas = Counter(report.alpha for report in reports)
     common_alpha = max(alphas, key=lambda a: (alphas[a], -a))
+    module_names = [name for name, _ in model.named_modules(remove_duplicate=False)]
+    target_modules = target_modules_for([report.module for report in reports], module_names)
+    rank_pattern = {exact_pattern(report.module): report.rank for report in reports if report.rank != common_rank}
+    alpha_pattern = {exact_pattern(report.module): report.alpha for report in reports if report.alpha != common_alpha}
+    check_config(module_names, target_modules, {report.module: report.rank for report in reports},
+                 {report.module: report.alpha for report in reports}, common_rank, common_alpha, rank_pattern,
+                 alpha_pattern, modules_to_save, where="export_peft_adapter")
     return peft.LoraConfig(
         r=common_rank,
         lora_alpha=common_alpha,
-        target_modules=[report.module for report in reports],
-        rank_pattern={_pattern(report.module): report.rank for report in reports if report.rank != common_rank},
-        alpha_pattern={_pattern(report.module): report.alpha for report in reports if report.alpha != common_alpha},
+        target_modules=target_modules,
+        rank_pattern=rank_pattern,
+        alpha_pattern=alpha_pattern,
         use_rslora=use_rslora,
         lora_dropout=0.0,
         bias=bias,
@@ -419,25 +449,31 @@ def load_peft_adapter(model: nn.Module, optimizer: LoRAAdam, path: str | os.Path
     """Merge a PEFT LoRA adapter into ``model`` and continue training from its factors.
 
     For every adapted module, with PEFT's ``lora_A``, ``lora_B`` and scaling ``s``, the weight
-    becomes ``W_base + s·lora_B·lora_A`` and the optimizer's factors become ``A = lora_B``,
-    ``B = lora_A`` (:meth:`LoRAAdam.set_factors(..., update_weight=True)
-    <lora_optim.LoRAAdam.set_factors>`: the write goes through the group's write mode and the
-    base stays what it was, so a later :func:`export_peft_adapter` writes the continued run
-    against the same base weights). On a fresh optimizer this is a plain merge; on a trained one
-    the current change is replaced by the adapter's (task switching). The factors' Adam moments
+    becomes ``W_base + s·lora_B·lora_A`` exactly, whatever the optimizer's init and whatever it
+    has learnt so far, and the optimizer's factors become ``A = lora_B``, ``B = lora_A``
+    (:meth:`LoRAAdam.merge_factors <lora_optim.LoRAAdam.merge_factors>`: one write through the
+    group's write mode; the base stays what it was, so a later :func:`export_peft_adapter` writes
+    the continued run against the same base weights). On a fresh optimizer this is a plain merge;
+    on a trained one the current change is replaced by the adapter's (task switching). In a
+    ``preserve_sparsity=True`` group the masked change ``(s·lora_B·lora_A) ⊙ M`` is merged, so
+    every zero of the weight stays zero (LoRS's parametrisation, which training then continues),
+    and the report gives the share of ``‖s·lora_B·lora_A‖_F²`` kept. The factors' Adam moments
     start from zero: a PEFT adapter file holds no optimizer state. Parameters the adapter holds
     whole (``modules_to_save``, biases) are copied into ``model``.
 
     Each adapted weight must be a low-rank parameter of ``optimizer`` in a ``projection="lora"``
     group whose effective rank equals the adapter's rank and whose scale ``s`` (:meth:`LoRAAdam.factor_scale
     <lora_optim.LoRAAdam.factor_scale>`) equals the adapter's ``lora_alpha / r`` (``/ √r`` with
-    ``use_rslora``). Everything is checked before anything changes; a mismatch raises
-    ``ValueError`` naming the module. Between ``backward`` and ``step()`` in the per-layer or
-    activation-side modes (projected pieces made with the current factors are pending) it raises
-    ``RuntimeError``, also before changing anything.
+    ``use_rslora``; ``alpha_pattern`` read as PEFT reads it), and whose current change is known
+    (:meth:`LoRAAdam.learnt_change <lora_optim.LoRAAdam.learnt_change>`: a trained optimizer with a
+    non-zero initial product needs ``keep_initial_factors=True``). Every tensor must fit its
+    parameter, be of a float dtype and finite. Everything is checked, for every module, before
+    anything changes; a mismatch raises ``ValueError`` naming the module. Between ``backward``
+    and ``step()`` in the per-layer or activation-side modes (projected pieces made with the
+    current factors are pending) it raises ``RuntimeError``, also before changing anything.
 
     Returns:
-        An :class:`AdapterImport` naming what was merged and copied.
+        An :class:`AdapterImport` naming what was merged (with the kept shares) and copied.
     """
     _check_optimizer(optimizer, "load_peft_adapter")
     directory = Path(path)
@@ -476,17 +512,23 @@ def load_peft_adapter(model: nn.Module, optimizer: LoRAAdam, path: str | os.Path
             shape = tuple(parameters[parameter_name].shape)
             raise ValueError(f"load_peft_adapter: {parameter_name!r} has shape {shape} in the model and "
                              f"{tuple(tensors[key].shape)} in the adapter")
+        _check_values(tensors[key], f"{parameter_name!r} (adapter key {key!r})")
         copies[parameter_name] = key
 
-    moves = []
+    merges: list[tuple[str, Tensor, Tensor, Tensor, float]] = []
     for module_name, layer in adapted.items():
         key_A, key_B = layer.keys
         if key_A not in tensors or key_B not in tensors:
             raise ValueError(f"load_peft_adapter: the adapter has only one of {key_A!r} and {key_B!r}")
-        L, R = layer.from_peft(tensors[key_A], tensors[key_B])
+        where = f"{module_name}.weight"
+        for key in (key_A, key_B):
+            _check_values(tensors[key], f"{where} (adapter key {key!r})")
+        try:
+            L, R = layer.from_peft(tensors[key_A], tensors[key_B])
+        except ValueError as error:
+            raise ValueError(f"load_peft_adapter: {error}") from None
         p = modules[module_name].weight
         group = groups.get(id(p))
-        where = f"{module_name}.weight"
         if group is None or not optimizer.is_low_rank(p):
             raise ValueError(f"load_peft_adapter: {where} is not a low-rank parameter of the optimizer")
         if group["projection"] != "lora":
@@ -505,20 +547,31 @@ def load_peft_adapter(model: nn.Module, optimizer: LoRAAdam, path: str | os.Path
                 f"{'**0.5' if config.get('use_rslora') else ''}), the optimizer's s is {ours!r}; construct the "
                 "optimizer with the adapter's alpha (and use_rslora) so that training continues the same run"
             )
-        moves.append((p, L, R))
-    if not moves:
+        if optimizer.has_pending_pieces(p):
+            raise RuntimeError(f"load_peft_adapter: {where} has projected gradient pieces of a coming step (per-layer "
+                               "or activation-side mode); nothing was changed. Load the adapter before backward or "
+                               "after step()")
+        current = optimizer.learnt_change(p)
+        if not current.known:
+            raise ValueError(f"load_peft_adapter: {where}: the optimizer's change since the base is unknown, so the "
+                             f"adapter cannot be merged exactly ({current.unknown}); nothing was changed")
+        merges.append((module_name, p, L, R, masked_share(L, R, current.mask)))
+    if not merges:
         raise ValueError(f"load_peft_adapter: {str(directory)!r} adapts no layer")
-    pending = [name for (p, _, _), name in zip(moves, adapted) if accumulation.open_sums(optimizer.state.get(p, {}))]
-    if pending:
-        raise RuntimeError(f"load_peft_adapter: {pending} have projected gradient pieces of a coming step (per-layer "
-                           "or activation-side mode); nothing was changed. Load the adapter before backward or after "
-                           "step()")
-    for p, L, R in moves:
-        optimizer.set_factors(p, L, R, update_weight=True)
+    for _, p, L, R, _ in merges:
+        optimizer.merge_factors(p, L, R)
     for parameter_name, key in copies.items():
         target = parameters[parameter_name]
         target.copy_(tensors[key].to(device=target.device, dtype=target.dtype))
-    return AdapterImport(tuple(adapted), tuple(copies))
+    return AdapterImport(tuple(name for name, *_ in merges), tuple(copies), tuple(kept for *_, kept in merges))
+
+
+def _check_values(tensor: Tensor, what: str) -> None:
+    """``ValueError`` naming ``what`` for a tensor that is not of a float dtype or not finite."""
+    if not tensor.is_floating_point():
+        raise ValueError(f"load_peft_adapter: {what} has dtype {tensor.dtype}, not a float dtype; nothing was changed")
+    if not bool(torch.isfinite(tensor).all()):
+        raise ValueError(f"load_peft_adapter: {what} has non-finite entries; nothing was changed")
 
 
 #: Adapter features :func:`load_peft_adapter` cannot continue (config key -> the value it must have).
@@ -536,11 +589,7 @@ def _check_config(config: Mapping[str, Any]) -> None:
 
 def _adapter_scale(config: Mapping[str, Any], module_name: str, rank: int) -> float:
     """PEFT's scaling of a module: ``alpha / r`` (``/ √r`` with rsLoRA), with the patterns' values."""
-    alpha = config.get("lora_alpha", 8)
-    for pattern, value in (config.get("alpha_pattern") or {}).items():
-        if re.match(rf"(.*\.)?({pattern})$", module_name):
-            alpha = value
-            break
+    alpha = pattern_value(config.get("alpha_pattern"), module_name, config.get("lora_alpha", 8))
     return float(alpha) / (math.sqrt(rank) if config.get("use_rslora") else rank)
 
 

@@ -6,9 +6,11 @@ optimizer's weights are always merged; :func:`unmerge_` takes the change out,
 
 .. math::
 
-    W \\leftarrow W - s\\,\\big(\\Delta(A, B) - \\Delta(A_0, B_0)\\big) = W_{\\text{base}},
+    W \\leftarrow W - \\big(s\\,(\\Delta(A, B) - \\Delta(A_0, B_0))\\big) \\odot M = W_{\\text{base}},
 
-by moving the factors back to their initial values with the write of a normal step
+(:mod:`lora_optim.learnt_change`; ``M`` is the mask of a ``preserve_sparsity=True`` group, all
+ones otherwise, so every kept zero stays zero) by moving the factors back to their initial values
+with the write of a normal step
 (:meth:`LoRAAdam.set_factors(p, A₀, B₀, update_weight=True) <lora_optim.LoRAAdam.set_factors>`):
 exact for ``lora`` and ``additive`` up to the rounding of one write, and for a bf16 weight with
 ``compensated`` writes the Kahan buffer carries what rounding dropped over the run, so ``W₀``
@@ -17,8 +19,9 @@ comes back to the bit for almost every element. The optimizer is then as at the 
 
 Task switching (docs/interop.md): export task 1's adapter
 (:func:`~lora_optim.interop.export_peft_adapter`), and :func:`~lora_optim.interop.load_peft_adapter`
-task 2's: the load moves the factors from task 1's to task 2's and writes the difference, so
-``W = W_base + s·A₂B₂`` without a trip through ``W₀``; :func:`unmerge_` goes back to the base.
+task 2's: the load writes the difference between task 2's change and the current one
+(:meth:`LoRAAdam.merge_factors <lora_optim.LoRAAdam.merge_factors>`), so ``W = W_base + s·A₂B₂``
+without a trip through ``W₀``, whatever the init; :func:`unmerge_` goes back to the base.
 """
 
 from __future__ import annotations
@@ -26,7 +29,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lora_optim import accumulation
 from lora_optim.optimizer import LoRAAdam
 
 __all__ = ["unmerge_"]
@@ -56,7 +58,7 @@ def unmerge_(model: nn.Module, optimizer: LoRAAdam, *, strict: bool = True) -> l
         if not optimizer.is_low_rank(p):
             dense.append(name)
             continue
-        initial = optimizer.initial_factors(p)
+        initial = optimizer.learnt_change(p).initial
         if initial is None:
             unknown.append(name)
         else:
@@ -66,7 +68,7 @@ def unmerge_(model: nn.Module, optimizer: LoRAAdam, *, strict: bool = True) -> l
             f"unmerge_: the initial factors of {unknown} are unknown (projection 'random', or a non-zero initial "
             "product without keep_initial_factors=True); nothing was changed. Restore them from the base model."
         )
-    pending = [name for name, p, _ in moves if accumulation.open_sums(optimizer.state[p])]
+    pending = [name for name, p, _ in moves if optimizer.has_pending_pieces(p)]
     if pending:
         raise RuntimeError(f"unmerge_: {pending} have projected gradient pieces of a coming step (per-layer or "
                            "activation-side mode); nothing was changed. Unmerge before backward or after step()")
