@@ -12,8 +12,9 @@ cell printed (stdout, stderr):
 * absolute paths into the repository are made relative (``/home/me/lora_optim/lora_optim/x.py``
   becomes ``lora_optim/x.py``), so no local path is committed;
 
-and a stream output left empty is dropped. Warnings of lora_optim itself stay. Nothing else
-(code, images, tables, execution counts) is touched; the JSON is written as Jupyter writes it.
+and a stream output left empty is dropped; the per-cell execution timestamps nbconvert records
+(``metadata.execution``) are removed. Warnings of lora_optim itself stay. Nothing else (code,
+images, tables, execution counts) is touched; the JSON is written as Jupyter writes it.
 """
 
 from __future__ import annotations
@@ -80,6 +81,7 @@ def clean_notebook(notebook: dict) -> dict:
     """A copy of ``notebook`` with every code cell's stream outputs cleaned."""
     cleaned = copy.deepcopy(notebook)
     for cell in cleaned.get("cells", []):
+        cell.get("metadata", {}).pop("execution", None)
         if cell.get("cell_type") != "code":
             continue
         outputs = []
