@@ -15,6 +15,9 @@ Markdown would show literally. This rewrites them before mkdocstrings renders th
   lists as their docstrings and removed, so each field is documented once, where it is listed
   as a member (when an entry names no member, the section stays as it is).
 
+* a docs page named by its repository path (``docs/interop.md``, in a code span or not) becomes
+  a link to that page of the site, titled with the page's heading (an autoref to its anchor).
+
 ``double backticks`` need no change: they are a Markdown code span already.
 Loaded by ``mkdocs.yml`` (``plugins.mkdocstrings.handlers.python.options.extensions``).
 """
@@ -23,9 +26,11 @@ from __future__ import annotations
 
 import html
 import re
+from pathlib import Path
 from typing import Any
 
 import griffe
+from markdown.extensions.toc import slugify
 
 _ROLE = re.compile(r":(?:py:)?(?P<role>class|func|meth|mod|data|attr|exc|obj|const|math):`(?P<target>[^`]+)`")
 _DIRECTIVE_MATH = re.compile(r"^(?P<indent>[ \t]*)\.\. math::[ \t]*(?P<inline>.*)$")
@@ -169,10 +174,39 @@ def _resolve(target: str, scope: Any | None) -> str | None:
     return target if "." in target else None
 
 
+_DOCS_DIR = Path(__file__).resolve().parents[1]
+_DOCS_PAGE = re.compile(r"(?<![\w/.])(?P<tick>``)?docs/(?P<page>[\w-]+)\.md(?P=tick)?(?P<fragment>#[\w-]+)?")
+
+
+def _page_heading(page: str) -> tuple[str, str] | None:
+    """The first heading of ``docs/<page>.md`` and its anchor (as the ``toc`` extension slugs it)."""
+    path = _DOCS_DIR / f"{page}.md"
+    if not path.is_file():
+        return None
+    match = re.search(r"^# (.+)$", path.read_text(encoding="utf-8"), re.MULTILINE)
+    if not match:
+        return None
+    title = match[1].strip()
+    return title, slugify(title.replace("`", ""), "-")
+
+
+def convert_docs_links(text: str) -> str:
+    """``docs/<page>.md`` (a repository path) to a link to that page of the site."""
+    def replace(match: re.Match[str]) -> str:
+        heading = _page_heading(match["page"])
+        if heading is None:
+            return match[0]
+        title, anchor = heading
+        return f"[{title}][{match['fragment'][1:] if match['fragment'] else anchor}]"
+
+    return _DOCS_PAGE.sub(replace, text)
+
+
 def to_markdown(text: str, scope: Any | None = None) -> str:
     """All conversions, in the order they need (blocks use indentation, roles do not)."""
     text = convert_blocks(text)
     text = convert_definition_lists(text)
+    text = convert_docs_links(text)
     return convert_roles(text, scope)
 
 
