@@ -99,7 +99,8 @@ def _add_benchmark_pages(nav: list) -> None:
         if isinstance(item, dict):
             for value in item.values():
                 if isinstance(value, list):
-                    if "benchmarks.md" in [p for p, _ in _nav_entries(value)]:
+                    children = [c for entry in value for c in (entry.values() if isinstance(entry, dict) else [entry])]
+                    if "benchmarks.md" in children:
                         value += [{_result_title(r): f"benchmarks/{r.stem}.md"}
                                   for r in sorted(RESULTS.glob("*.md"))]
                         return
