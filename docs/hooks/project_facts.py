@@ -35,8 +35,10 @@ class ProjectFacts:
 
     def markdown(self) -> str:
         """One line of facts for the landing page."""
-        def spaced(spec: str) -> str:
-            return ", ".join(re.sub(r"([<>=!~]+)", r"\1 ", part).strip() for part in spec.split(","))
+        def spaced(spec: str) -> str:  # ">=2.13,<3" -> "≥ 2.13, < 3"
+            signs = {">=": "≥", "<=": "≤", "!=": "≠"}
+            parts = sorted((part.strip() for part in spec.split(",")), key=lambda part: not part.startswith(">"))
+            return ", ".join(re.sub(r"^([<>=!~]+)\s*", lambda m: signs.get(m[1], m[1]) + " ", part) for part in parts)
 
         tested = f" (tested: {self.torch_tested}, CPU build)" if self.torch_tested else ""
         parts = [f"**Version** {self.version}", f"**Python** {spaced(self.python)}",
