@@ -196,6 +196,8 @@ class LoRAAdam(torch.optim.Optimizer):
         # Skip counts already reported by a warning, by id of the count tensor (a cache of what the
         # host has read: not state).
         self._skips_seen: dict[int, int] = {}
+        # Whether init_state() made the state of every parameter (step() then makes none).
+        self._state_made = False
         super().__init__(params, {**all_option_defaults(), **common, **projection_options})
         used = {option.name for group in self.param_groups for option in get_projection(group["projection"]).options}
         unused = sorted(set(projection_options) - used)
@@ -250,6 +252,7 @@ class LoRAAdam(torch.optim.Optimizer):
                         f"group (already in group {index})"
                     )
         param_group["params"] = params
+        self.__dict__["_state_made"] = False  # the new parameters have none yet
         super().add_param_group(param_group)
         try:
             validate_group(self.param_groups[-1], explicit)
@@ -263,6 +266,7 @@ class LoRAAdam(torch.optim.Optimizer):
         self.__dict__.setdefault("_grad_modes", OrderedDict())
         self.__dict__.setdefault("_index", {})
         self.__dict__.setdefault("_skips_seen", {})
+        self.__dict__.setdefault("_state_made", False)
         # Back-fill options added after a checkpoint was written.
         for group in self.param_groups:
             for name, option in COMMON_OPTIONS.items():
@@ -349,7 +353,6 @@ class LoRAAdam(torch.optim.Optimizer):
                 if shard is not None:
                     shard_rows_(fresh, ROW_SHARDED_KEYS + projection.row_sharded_keys, shard)
         state.update(fresh)
-        self._skips_seen[id(fresh[NONFINITE_SKIPS])] = 0
         return state
 
     def _check_shardable(self, p: Tensor, group: Mapping[str, Any], projection: Projection) -> None:
@@ -547,6 +550,18 @@ class LoRAAdam(torch.optim.Optimizer):
                     raise TypeError(f"Invalid gradient: LoRAAdam does not support sparse gradients; {self._name(p)} "
                                     f"has a gradient with layout {p.grad.layout}")
 
+    @torch.no_grad()
+    def init_state(self) -> None:
+        """Make now the state every parameter would get at its first step (the factors, moments,
+        counters; a pending gradient init stays pending). ``step()`` makes it lazily, as
+        ``torch.optim`` does; make it here first to compile a whole training step (forward,
+        backward and ``step()``) with ``fullgraph=True``, whose first call cannot make state
+        without a graph break. Parameters that never get a gradient then hold state too."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                self._state(p, group)
+        self._state_made = True
+
     def _init_group(self, group: dict[str, Any]) -> None:
         """Make the state of every parameter of ``group`` that has a gradient (``p.grad`` or
         projected sums) and none yet. Run before the step's math, as ``torch.optim``'s optimizers
@@ -580,8 +595,9 @@ class LoRAAdam(torch.optim.Optimizer):
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
         self._refuse_sparse_grads()
-        for group in self.param_groups:
-            self._init_group(group)
+        if not self._state_made:  # init_state() made all of it: nothing to do (and nothing to trace)
+            for group in self.param_groups:
+                self._init_group(group)
         dense, lowrank, consumed = self._gather()
         if consumed and (hasattr(self, "found_inf") or hasattr(self, "grad_scale")):
             self._check_scaler_sees_something(grad_scale, found_inf, dense)
@@ -948,6 +964,7 @@ class LoRAAdam(torch.optim.Optimizer):
         Other options (``lr``, ``betas``, ...) come from the checkpoint, as in ``torch.optim``.
         """
         check_loadable(self.param_groups, state_dict, self._trains_low_rank)
+        self._state_made = False  # a parameter without state in the checkpoint has none now
         saved_state = state_dict["state"]
         saved_ids = [pid for group in state_dict["param_groups"] for pid in group["params"]]
         # Structural options were checked to agree (resolved for each weight); keep this
