@@ -317,6 +317,8 @@ def _traced_adamw_(params, grads, exp_avgs, exp_avg_sqs, steps, hyper: AdamHyper
     ``found_inf`` is not set."""
     keep = None if found_inf is None else found_inf.reshape(()) != 0
     lr = hyper.lr
+    if isinstance(lr, Tensor):
+        lr = lr.to(torch.float64)  # as the fused kernels read it
     for param, grad, exp_avg, exp_avg_sq, step in zip(params, grads, exp_avgs, exp_avg_sqs, steps):
         wide = torch.promote_types(param.dtype, torch.float32)
         g = grad.to(wide)
@@ -329,7 +331,9 @@ def _traced_adamw_(params, grads, exp_avgs, exp_avg_sqs, steps, hyper: AdamHyper
         correction2 = (1 - torch.pow(hyper.beta2, t)).sqrt()
         step_size = (lr / correction1).to(wide)
         denominator = v.sqrt() / correction2.to(wide) + hyper.eps
-        decayed = param.to(wide) * (1 - lr * hyper.weight_decay) if hyper.weight_decay != 0 else param.to(wide)
+        decay = 1 - lr * hyper.weight_decay  # float64, as the fused kernels
+        decay = decay.to(wide) if isinstance(decay, Tensor) else decay
+        decayed = param.to(wide) * decay if hyper.weight_decay != 0 else param.to(wide)
         updated = decayed - step_size * m / denominator
         for target, value in ((param, updated), (exp_avg, m), (exp_avg_sq, v)):
             value = value.to(target.dtype)

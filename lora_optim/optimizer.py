@@ -603,8 +603,8 @@ class LoRAAdam(torch.optim.Optimizer):
             self._check_scaler_sees_something(grad_scale, found_inf, dense)
         report = engine.step_(dense, lowrank, grad_scale=grad_scale,
                               found_inf=found_inf if isinstance(found_inf, Tensor) else None)
-        for state in consumed:
-            accumulation.consume_(state)
+        for state in consumed:  # a compiled step keeps the sum tensors: the same ones at every call
+            accumulation.consume_(state, keep=torch.compiler.is_compiling())
         self._warn_skips(report)
         return loss
 
