@@ -87,6 +87,7 @@ __all__ = [
     "default_precision",
     "stochastic_round_",
     "rounding_bits",
+    "round_to_",
     "BLOCK_ELEMENTS",
 ]
 
@@ -236,13 +237,16 @@ class CompensatedWriter(WeightWriter):
             _add_change_(pending, delta, product, start)  # y = c + s·ΔW
             if wide:
                 # W + y is (all but) exact in the wider dtype, and so is the residual after
-                # rounding (W' and W + y are within half an ulp of W's dtype: Sterbenz).
+                # rounding (W' and W + y are within half an ulp of W's dtype: Sterbenz). W' is
+                # formed in the wider dtype (round_to_), so that a compiled write, which keeps
+                # fused values in the wider dtype, cannot skip the rounding the residual measures.
                 pending.add_(w)
-                w.copy_(pending)
+                rounded = round_to_(pending.clone(), w.dtype)
+                w.copy_(rounded)  # exact
                 if taken is None:
-                    torch.sub(pending, w, out=c)
+                    torch.sub(pending, rounded, out=c)
                 else:
-                    c.copy_(torch.where(taken, pending - w, c))
+                    c.copy_(torch.where(taken, pending - rounded, c))
                 continue
             # Same dtype: classic Kahan, t = W + y, c' = (W − t) + y (W − t is exact), with c
             # and W as scratch so that the block of y is the only temporary.
@@ -255,6 +259,20 @@ class CompensatedWriter(WeightWriter):
             if kept is not None:
                 w.copy_(torch.where(taken, w, kept[0]))
                 c.copy_(torch.where(taken, c, kept[1]))
+
+
+def round_to_(values: Tensor, dtype: torch.dtype) -> Tensor:
+    """Round the float32 tensor ``values`` in place to the nearest value of ``dtype`` (ties to
+    even), kept in float32; returns it. For bf16, integer ops on the bits (``u + 0x7FFF +
+    lsb``, then the low 16 bits cleared; NaN and ±Inf kept), which no compiler fuses away (a
+    compiled ``x.to(bf16).to(float32)`` may be elided: inductor keeps fused values in float32);
+    other dtypes through ``to(dtype)``."""
+    if values.dtype != torch.float32 or dtype != torch.bfloat16:
+        return values.copy_(values.to(dtype))
+    bits = values.view(torch.int32)
+    nan = values.isnan()
+    bits.add_(0x7FFF + ((bits >> 16) & 1)).bitwise_and_(-(1 << 16))
+    return values.masked_fill_(nan, float("nan"))
 
 
 def _add_change_(target: Tensor, delta: WeightDelta, product: tuple[Tensor, Tensor] | None, row_start: int) -> None:
