@@ -237,12 +237,16 @@ class CompensatedWriter(WeightWriter):
             _add_change_(pending, delta, product, start)  # y = c + s·ΔW
             if wide:
                 # W + y is (all but) exact in the wider dtype, and so is the residual after
-                # rounding (W' and W + y are within half an ulp of W's dtype: Sterbenz). W' is
-                # formed in the wider dtype (round_to_), so that a compiled write, which keeps
-                # fused values in the wider dtype, cannot skip the rounding the residual measures.
+                # rounding (W' and W + y are within half an ulp of W's dtype: Sterbenz). A compiled
+                # write forms W' in the wider dtype (round_to_): inductor keeps fused values in the
+                # wider dtype and would skip the rounding the residual measures.
                 pending.add_(w)
-                rounded = round_to_(pending.clone(), w.dtype)
-                w.copy_(rounded)  # exact
+                if torch.compiler.is_compiling():
+                    rounded = round_to_(pending.clone(), w.dtype)
+                    w.copy_(rounded)  # exact
+                else:
+                    w.copy_(pending)
+                    rounded = w
                 if taken is None:
                     torch.sub(pending, rounded, out=c)
                 else:
