@@ -73,6 +73,7 @@ from torch import Tensor
 
 from lora_optim.kernels import native_kernels
 from lora_optim.kernels.blocks import row_blocks
+from lora_optim.kernels.product import add_thin_product_
 from lora_optim.kernels.paths import cpu_paths
 from lora_optim.seeding import derive_seed, hash_bits, step_key
 from lora_optim.state_keys import ROUNDING_DRAWS, ROUNDING_SEED, WEIGHT_COMPENSATION
@@ -288,7 +289,7 @@ def _add_change_(target: Tensor, delta: WeightDelta, product: tuple[Tensor, Tens
     left, right = product
     if row_start != 0 or target.shape[0] != left.shape[0]:
         left = left[row_start : row_start + target.shape[0]]
-    target.addmm_(left, right, alpha=delta.scale)
+    add_thin_product_(target, left, right, delta.scale)
 
 
 @register_writer

@@ -30,6 +30,7 @@ from torch import Tensor
 from lora_optim import initial_factors
 from lora_optim.kernels import native_kernels
 from lora_optim.kernels.blocks import row_blocks
+from lora_optim.kernels.product import add_thin_product_
 from lora_optim.projections.registry import register_projection
 from lora_optim.projections.base import FactorChange, FactorState, Projection
 from lora_optim.state_keys import FACTOR_A, FACTOR_B
@@ -153,10 +154,7 @@ def additive_add_delta_(
         torch.autograd.graph.increment_version(target)  # as an in-place torch op would
         return
     left, right = additive_step_product(dA, dB, row_start, target.shape[0], row_offset)
-    if target.dtype == dA.dtype:
-        target.addmm_(left, right, alpha=scale)
-    else:
-        target.add_(torch.mm(left, right), alpha=scale)
+    add_thin_product_(target, left, right, scale)
 
 
 def _rotated_rows(dB: Tensor, row_start: int, row_offset: int) -> Tensor:

@@ -75,6 +75,7 @@ from torch import Tensor
 from lora_optim import initial_factors
 from lora_optim.kernels import native_kernels
 from lora_optim.kernels.blocks import row_blocks
+from lora_optim.kernels.product import add_thin_product_
 from lora_optim.options import Option, choice, integer, optional
 from lora_optim.projections.registry import register_projection
 from lora_optim.projections.base import FactorChange, FactorState, Projection
@@ -247,10 +248,8 @@ def add_product_(target: Tensor, left: Tensor, right: Tensor, scale: float) -> N
     if kernels is not None and kernels.supports(target, left.dtype):
         kernels.add_lowrank_(target, left, right, scale)
         torch.autograd.graph.increment_version(target)  # as an in-place torch op would
-    elif target.dtype == left.dtype:
-        target.addmm_(left, right, alpha=scale)
     else:
-        target.add_(torch.mm(left, right), alpha=scale)
+        add_thin_product_(target, left, right, scale)
 
 
 def _check_init(name: str, value: Any) -> str:
