@@ -18,6 +18,7 @@ fail) and ``inductor`` (generated code: what users run).
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import pytest
 import torch
@@ -25,7 +26,7 @@ import torch._dynamo
 from torch import nn
 from torch._dynamo.testing import CompileCounter
 
-from lora_optim import LoRAAdam
+from lora_optim import LoRAAdam, NonFiniteGradientWarning
 from lora_optim.state_keys import ACCUMULATOR_KEYS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -216,6 +217,46 @@ def test_a_whole_training_step_compiles_with_fullgraph(projection, options, dtyp
             assert counter.frame_count == 1
         results.append((model, opt))
     _assert_equal_runs(*results, dtype)
+
+
+@pytest.mark.parametrize("projection,options", DEFAULTS, ids=[name for name, _ in DEFAULTS])
+def test_a_compiled_step_skips_a_nonfinite_gradient_on_the_device(projection, options):
+    """A NaN in one weight's ``G`` at step 3 of a ``fullgraph=True`` step (nothing read on the
+    host): that weight, its factors and moments stay as they were, the other parameters step, the
+    skip is counted and warned about when the counts are read, and finite and non-finite steps
+    run the same graph (no recompile). The whole run equals the eager one."""
+    runs = []
+    for compiled in (False, True):
+        model = _model(torch.float32)
+        opt = _optimizer(model, projection, options)
+        counter = CompileCounter()
+        step = torch.compile(opt.step, backend=counter, fullgraph=True) if compiled else opt.step
+        weight = model[0].weight
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for index, (x, y) in zip(range(5), _cycle(_batches(torch.float32))):
+                (model(x).float() - y.float()).pow(2).mean().backward()
+                if index == 2:
+                    weight.grad[1, 2] = float("nan")
+                    before = {"W": weight.detach().clone(), **{key: value.clone() for key, value in
+                                                               opt.state[weight].items()
+                                                               if isinstance(value, torch.Tensor)}}
+                step()
+                if index == 2:
+                    after = {"W": weight.detach(), **opt.state[weight]}
+                    changed = [key for key, value in before.items() if not torch.equal(value, after[key])]
+                    assert changed == ["nonfinite_skips"], changed
+                    assert not torch.equal(model[2].weight.grad, torch.zeros_like(model[2].weight))
+                opt.zero_grad()
+            warned_in_steps = sum(issubclass(w.category, NonFiniteGradientWarning) for w in caught)
+            assert opt.nonfinite_skips(weight) == 1 and opt.nonfinite_skips() == 1
+            warned = sum(issubclass(w.category, NonFiniteGradientWarning) for w in caught)
+        assert warned == 1, warned  # eager on the CPU: at the step; compiled: when the counts are read
+        if compiled:
+            assert warned_in_steps == 0
+            assert counter.frame_count == 1
+        runs.append((model, opt))
+    _assert_equal_runs(*runs, torch.float32)
 
 
 # ------------------------------------------------------------------ the full matrix (slow)
