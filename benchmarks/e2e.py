@@ -14,8 +14,10 @@ full AdamW, which trains all parameters):
   layers' inputs and output gradients, ``G`` never formed.
 
 Models: the packaged pretrained MiniLM (``lora_optim.examples.minilm_task``, batch 32×64 of the
-docstring task) and a BERT-base-shaped 110M encoder built from ``transformers.BertConfig()``
-with random weights (batch 8×128 of random tokens). Dropout is 0 in both.
+docstring task), a BERT-base-shaped 110M encoder built from ``transformers.BertConfig()`` with
+random weights (batch 8×128 of random tokens), and the same encoder built in bf16 at batch 1×32
+(``bert110m-bf16``: the small-batch, low-precision regime, where every write mode's memory
+shows). Dropout is 0 in all. The causal-LM regime has its own benchmark, ``benchmarks/llm.py``.
 
 Every (model, method) runs in its own fresh subprocess; methods are interleaved (order rotated)
 within each round and rounds are repeated. Per process:
@@ -51,6 +53,8 @@ LABELS = {
 MODELS = {
     "minilm": {"label": "MiniLM-L6 (22.7M, pretrained)", "batch": 32, "seq": 64},
     "bert110m": {"label": "BERT-base shape (110M, random init)", "batch": 8, "seq": 128},
+    "bert110m-bf16": {"label": "BERT-base shape (110M, random init), bf16 weights", "batch": 1, "seq": 32,
+                      "bf16": True},
 }
 TARGETS = ("query", "key", "value", "dense")
 RANK, ALPHA, LR = 8, 16.0, 1e-4
@@ -83,9 +87,15 @@ def _build_model(model_name: str, num_labels: int):
     from transformers import BertConfig, BertModel
 
     config = BertConfig(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        encoder = BertModel(config, add_pooling_layer=False)
+    previous = torch.get_default_dtype()
+    if MODELS[model_name].get("bf16"):  # built in bf16: no fp32 copy sets the peak
+        torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            encoder = BertModel(config, add_pooling_layer=False)
+    finally:
+        torch.set_default_dtype(previous)
     model = mt.MiniLMClassifier(encoder, num_labels, seed=0)
     model.train()
     return model
@@ -280,8 +290,9 @@ def markdown(summary: dict, before: dict, after: dict, command: str) -> str:
     lines = [
         header("End-to-end training: speed and memory", before, after).rstrip(),
         "",
-        "CPU, fp32. Other jobs share these cores: only ratios from one run mean anything. No GPU was "
-        "lent to the session that produced this file, so there is no GPU table.",
+        "CPU; fp32 weights except where the model says bf16 (there every `LoRAAdam` write mode is its default, "
+        "`stochastic`). Only ratios from one run mean anything. No GPU was lent to the session that produced "
+        "this file, so there is no GPU table.",
         "",
         f"Command: `{command}`",
         "",

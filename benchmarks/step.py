@@ -8,8 +8,9 @@ For each shape ``out×in``, rank ``r`` and weight dtype (fp32, bf16), one proces
   projection; its basis is computed from ``G`` at the first step, run before timing and reported
   on its own, and refreshed every 200 steps, as GaLore's), all with ``precision="nearest"``;
   ``lora (torch path)``: the same step with the compiled kernels off (two skinny GEMMs, a
-  concat and one addmm: the straightforward step); for bf16 also ``lora (compensated)``, the
-  default write mode for bf16 weights (keeps a bf16 compensation buffer, more traffic);
+  concat and one addmm: the straightforward step); for bf16 also ``lora (stochastic)``, the
+  default write mode for bf16 weights, and ``lora (compensated)`` (keeps a bf16 compensation
+  buffer, more traffic);
 * ``torch.optim.AdamW`` foreach and fused (full-rank references);
 * GaLore (``galore-torch``, ``proj_type="std"``, ``update_proj_gap=200``; its SVD step is run
   before timing and reported on its own), APOLLO (``apollo-torch``, ``proj="random"``,
@@ -31,8 +32,8 @@ Each case also lists the optimizer state (:func:`lora_optim.optimizer_state_byte
 repeats; tables show medians and ratios from this run only.
 
 Compiled rows (``r = 8`` cases): ``lora (compiled)`` is ``torch.compile(opt.step)`` (inductor,
-``fullgraph=True``; for bf16 weights also ``lora stochastic`` eager and compiled, the default
-write mode), against ``AdamW fused (compiled)`` (torch runs its fused kernel outside the graph)
+``fullgraph=True``; for bf16 weights ``nearest`` and, as ``lora (stochastic, compiled)``, the
+default write mode), against ``AdamW fused (compiled)`` (torch runs its fused kernel outside the graph)
 and ``AdamW foreach (compiled)`` (inductor's own AdamW, ``capturable=True``). The compile itself
 runs before timing.
 
@@ -407,13 +408,13 @@ def op_count_table(quick: bool) -> str:
                      str(counter.ops.get("aten._fused_adamw_.default", 0))])
 
     ours = [("lora", {}), ("random", {}), ("random", {"resample_every": 200}), ("additive", {})]
-    for dtype_name, precision in (("fp32", None), ("bf16", "nearest"), ("bf16", None), ("bf16", "stochastic")):
+    for dtype_name, precision in (("fp32", None), ("bf16", "nearest"), ("bf16", None), ("bf16", "compensated")):
         for projection, options in ours:
             def make(params, projection=projection, options=options, precision=precision):
                 return LoRAAdam(params, lr=LR, rank=OP_COUNT_RANK, alpha=2 * OP_COUNT_RANK, projection=projection,
                                 precision=precision, **options)
             label = f"lora_optim {projection}{' K=200' if options else ''}, {dtype_name} W, " \
-                    f"{precision or ('compensated' if dtype_name == 'bf16' else 'nearest')}"
+                    f"{precision or ('stochastic' if dtype_name == 'bf16' else 'nearest')}"
             row(label, _count_step(make, DTYPES[dtype_name], shapes))
     for name in ("AdamW fused", "AdamW foreach", "GaLore", "APOLLO", "Flora"):
         try:

@@ -20,7 +20,8 @@ from :meth:`WeightWriter.init_state <lora_optim.precision.WeightWriter.init_stat
 of 64 bf16 matrices, counted by :class:`lora_optim.dispatch_count.DispatchCounter` with
 :func:`lora_optim.kernels.paths.accelerator_paths`).
 
-Run ``python benchmarks/write_modes.py`` (``--quick``: 10 steps, one seed); results go to
+Learning rates: 1e-3 (the library's default) and 2e-4, where updates are smaller and rounding
+matters more. Run ``python benchmarks/write_modes.py`` (``--quick``: 10 steps, one seed); results go to
 ``benchmarks/results/write_modes.md`` and ``write_modes.json``.
 """
 
@@ -102,7 +103,8 @@ def run(method: str, seed: int, steps: int, lr: float, task, train, test) -> dic
         losses.append(loss.item())
     seconds = time.perf_counter() - start
     accuracy, held_out_loss = mt.evaluate(model, test, task.test_labels)
-    return {"method": method, "seed": seed, "accuracy": accuracy, "held_out_loss": held_out_loss,
+    return {"method": method, "seed": seed, "lr": lr, "steps": steps, "accuracy": accuracy,
+            "held_out_loss": held_out_loss,
             "train_loss_last10": statistics.fmean(losses[-10:]), "seconds": seconds}
 
 
@@ -136,10 +138,14 @@ def write_mode_costs() -> dict[str, dict[str, float]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="10 steps, one seed")
+    parser.add_argument("--quick", action="store_true", help="10 steps, one seed, one learning rate")
     parser.add_argument("--steps", type=int, default=None, help="training steps per run (default 200)")
     parser.add_argument("--seeds", type=int, default=None, help="seeds per method (default 3)")
-    parser.add_argument("--lr", type=float, default=LR, help=f"learning rate of every method (default {LR:g})")
+    parser.add_argument("--lrs", default=f"{LR:g},2e-4",
+                        help=f"comma-separated learning rates, each run for every method (default {LR:g},2e-4)")
+    parser.add_argument("--reuse", action="store_true",
+                        help="take runs of the same method, seed, lr and steps from the results' JSON instead "
+                             "of training them again (the runs are deterministic on one machine)")
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {list(METHODS)}")
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
     args = parser.parse_args()
@@ -158,15 +164,49 @@ def main() -> None:
     tokenizer = mt.load_tokenizer()
     train = mt.tokenize(task.train_texts, tokenizer, max_length=SEQ)
     test = mt.tokenize(task.test_texts, tokenizer, max_length=SEQ)
+    lrs = [float(lr) for lr in args.lrs.split(",")]
+    if args.quick and args.lrs == parser.get_default("lrs"):
+        lrs = lrs[:1]
+    saved = RESULTS_DIR / "write_modes.json"
+    earlier = json.loads(saved.read_text())["results"] if args.reuse and saved.exists() else []
     results = []
-    for seed in seeds:  # seeds outermost: a partial run still compares every method
-        for method in methods:
-            result = run(method, seed, steps, args.lr, task, train, test)
-            results.append(result)
-            print(f"{method:12s} seed {seed}: held-out accuracy {result['accuracy']:.3f}, loss "
-                  f"{result['held_out_loss']:.3f} ({result['seconds']:.0f} s)", flush=True)
+    for lr in lrs:
+        for seed in seeds:  # seeds outermost: a partial run still compares every method
+            for method in methods:
+                key = (method, seed, lr, steps)
+                reused = [r for r in earlier if (r["method"], r["seed"], r["lr"], r["steps"]) == key]
+                result = reused[0] if reused else run(method, seed, steps, lr, task, train, test)
+                results.append(result)
+                print(f"lr {lr:g} {method:12s} seed {seed}: held-out accuracy {result['accuracy']:.3f}, loss "
+                      f"{result['held_out_loss']:.3f}" + (" (reused)" if reused else f" ({result['seconds']:.0f} s)"),
+                      flush=True)
     costs = write_mode_costs()
     after = machine_info()
+    tables = []
+    for lr in lrs:
+        tables += [f"## lr {lr:g}", "", _table(methods, [r for r in results if r["lr"] == lr], costs)]
+    command = "python benchmarks/write_modes.py " + " ".join(sys.argv[1:])
+    text = "\n".join([
+        header("bf16 write modes on a real task", before, after).rstrip(),
+        "",
+        f"Command: `{command.strip()}`. MiniLM, eight-class docstring task ({len(task.train_texts)} train, "
+        f"{len(task.test_texts)} held-out), {steps} steps of batch {BATCH}×{SEQ}, r = {RANK}, alpha = {ALPHA:g}, "
+        f"{len(seeds)} seed(s) (mean ± sample std over seeds; one run's held-out accuracy has a "
+        f"standard error of ±{100 * (0.25 / len(task.test_texts)) ** 0.5:.1f} points at most). Bytes kept: the "
+        "write mode's own state per element of a bf16 `W` (2 = +100% of the weight). Ops: aten ops per matrix "
+        "of one accelerator-path step of 64 bf16 matrices, launching ops in parentheses."
+        + (" Runs found in the previous results' JSON were reused (`--reuse`); the machine line is this "
+           "invocation's." if args.reuse else ""),
+        "",
+        *tables,
+    ])
+    save_results("write_modes", text + "\n")
+    saved.write_text(json.dumps({"machine": [before, after], "steps": steps, "results": results, "costs": costs},
+                                indent=1) + "\n")
+
+
+def _table(methods: list[str], results: list[dict], costs: dict) -> str:
+    """One learning rate's table: a row per method."""
     rows = []
     for method in methods:
         runs = [r for r in results if r["method"] == method]
@@ -178,23 +218,8 @@ def main() -> None:
         rows.append([LABELS[method], mean_std([100 * r["accuracy"] for r in runs], 1),
                      mean_std([r["held_out_loss"] for r in runs], 3), mean_std([r["train_loss_last10"] for r in runs], 3),
                      kept, ops, ", ".join(f"{100 * r['accuracy']:.1f}" for r in runs)])
-    command = "python benchmarks/write_modes.py " + " ".join(sys.argv[1:])
-    text = "\n".join([
-        header("bf16 write modes on a real task", before, after).rstrip(),
-        "",
-        f"Command: `{command.strip()}`. MiniLM, eight-class docstring task ({len(task.train_texts)} train, "
-        f"{len(task.test_texts)} held-out), {steps} steps of batch {BATCH}×{SEQ}, r = {RANK}, alpha = {ALPHA:g}, "
-        f"lr {args.lr:g}, {len(seeds)} seed(s) (mean ± sample std over seeds; one run's held-out accuracy has a "
-        f"standard error of ±{100 * (0.25 / len(task.test_texts)) ** 0.5:.1f} points at most). Bytes kept: the "
-        "write mode's own state per element of a bf16 `W` (2 = +100% of the weight). Ops: aten ops per matrix "
-        "of one accelerator-path step of 64 bf16 matrices, launching ops in parentheses.",
-        "",
-        markdown_table(["weights, write mode", "held-out accuracy (%)", "held-out loss", "train loss (last 10)",
-                        "bytes kept per element", "ops per matrix", "per seed (%)"], rows),
-    ])
-    save_results("write_modes", text + "\n")
-    (RESULTS_DIR / "write_modes.json").write_text(json.dumps(
-        {"machine": [before, after], "steps": steps, "lr": LR, "results": results, "costs": costs}, indent=1) + "\n")
+    return markdown_table(["weights, write mode", "held-out accuracy (%)", "held-out loss", "train loss (last 10)",
+                           "bytes kept per element", "ops per matrix", "per seed (%)"], rows)
 
 
 if __name__ == "__main__":

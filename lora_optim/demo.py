@@ -507,6 +507,9 @@ def _machine_line() -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the demo from command-line arguments; print the markdown table to stdout."""
+    from lora_optim.examples.minilm_task import silence_third_party_notices
+
+    silence_third_party_notices()
     parser = build_parser()
     args = parser.parse_args(argv)
     names = [n.strip() for n in args.methods.split(",") if n.strip()]

@@ -38,6 +38,8 @@ RUNS = {
     "adapter_export": (["--quick"], None),
     "communication": ([], "communication.md"),
     "communication_estimate": ([], "communication_estimate.md"),
+    "llm": (["--quick", "--rounds", "1"], "llm.md"),
+    "write_modes": (["--quick"], "write_modes.md"),
 }
 
 

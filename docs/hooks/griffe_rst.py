@@ -10,7 +10,13 @@ Markdown would show literally. This rewrites them before mkdocstrings renders th
 * literal blocks introduced by ``::`` become fenced Python code;
 * definition lists whose term is a ````code```` span become Markdown definition lists;
 * an attribute without a docstring takes the ``#:`` comment lines just above it (the Sphinx
-  convention the library uses for module constants and class attributes).
+  convention the library uses for module constants and class attributes);
+* a class's ``Attributes:`` section (dataclasses, named tuples) is given to the attributes it
+  lists as their docstrings and removed, so each field is documented once, where it is listed
+  as a member (when an entry names no member, the section stays as it is).
+
+* a docs page named by its repository path (``docs/interop.md``, in a code span or not) becomes
+  a link to that page of the site, titled with the page's heading (an autoref to its anchor).
 
 ``double backticks`` need no change: they are a Markdown code span already.
 Loaded by ``mkdocs.yml`` (``plugins.mkdocstrings.handlers.python.options.extensions``).
@@ -20,12 +26,16 @@ from __future__ import annotations
 
 import html
 import re
+from pathlib import Path
 from typing import Any
 
 import griffe
+from markdown.extensions.toc import slugify
 
 _ROLE = re.compile(r":(?:py:)?(?P<role>class|func|meth|mod|data|attr|exc|obj|const|math):`(?P<target>[^`]+)`")
 _DIRECTIVE_MATH = re.compile(r"^(?P<indent>[ \t]*)\.\. math::[ \t]*(?P<inline>.*)$")
+_EXPLICIT_TITLE = re.compile(r"^(?P<title>[^<]+?)\s*<(?P<target>[^<>]+)>$")
+_ATTRIBUTES_HEADER = re.compile(r"^(?P<indent>[ \t]*)Attributes:[ \t]*$")
 _TERM = re.compile(r"^(?P<indent>[ \t]*)``[^`]+``[ \t]*$")
 
 
@@ -131,10 +141,14 @@ def convert_roles(text: str, scope: Any | None = None) -> str:
         role, target = match["role"], match["target"].strip()
         if role == "math":
             return f"${target}$"
-        short = target.startswith("~")
-        target = target.lstrip("~.")
-        title = target.rsplit(".", 1)[-1] if short else target
-        if role in ("func", "meth"):
+        explicit = _EXPLICIT_TITLE.match(target)  # :attr:`title <target>`
+        if explicit:
+            title, target = explicit["title"], explicit["target"].strip().lstrip("~.")
+        else:
+            short = target.startswith("~")
+            target = target.lstrip("~.")
+            title = target.rsplit(".", 1)[-1] if short else target
+        if role in ("func", "meth") and not explicit:
             title += "()"
         identifier = _resolve(target, scope)
         if identifier is None:
@@ -160,10 +174,39 @@ def _resolve(target: str, scope: Any | None) -> str | None:
     return target if "." in target else None
 
 
+_DOCS_DIR = Path(__file__).resolve().parents[1]
+_DOCS_PAGE = re.compile(r"(?<![\w/.])(?P<tick>``)?docs/(?P<page>[\w-]+)\.md(?P=tick)?(?P<fragment>#[\w-]+)?")
+
+
+def _page_heading(page: str) -> tuple[str, str] | None:
+    """The first heading of ``docs/<page>.md`` and its anchor (as the ``toc`` extension slugs it)."""
+    path = _DOCS_DIR / f"{page}.md"
+    if not path.is_file():
+        return None
+    match = re.search(r"^# (.+)$", path.read_text(encoding="utf-8"), re.MULTILINE)
+    if not match:
+        return None
+    title = match[1].strip()
+    return title, slugify(title.replace("`", ""), "-")
+
+
+def convert_docs_links(text: str) -> str:
+    """``docs/<page>.md`` (a repository path) to a link to that page of the site."""
+    def replace(match: re.Match[str]) -> str:
+        heading = _page_heading(match["page"])
+        if heading is None:
+            return match[0]
+        title, anchor = heading
+        return f"[{title}][{match['fragment'][1:] if match['fragment'] else anchor}]"
+
+    return _DOCS_PAGE.sub(replace, text)
+
+
 def to_markdown(text: str, scope: Any | None = None) -> str:
     """All conversions, in the order they need (blocks use indentation, roles do not)."""
     text = convert_blocks(text)
     text = convert_definition_lists(text)
+    text = convert_docs_links(text)
     return convert_roles(text, scope)
 
 
@@ -181,6 +224,33 @@ def _doc_comment(obj: Any) -> str | None:
     return " ".join(found) or None
 
 
+def _without_attributes_section(text: str) -> str:
+    lines = text.split("\n")
+    for index, line in enumerate(lines):
+        header = _ATTRIBUTES_HEADER.match(line)
+        if header:
+            end = _block_after(lines, index + 1, len(header["indent"]))
+            return "\n".join(lines[:index] + lines[end:]).rstrip() + "\n"
+    return text
+
+
+def _attributes_to_members(cls: Any) -> None:
+    """Move the entries of ``cls``'s ``Attributes:`` section to its attribute members."""
+    if "Attributes:" not in cls.docstring.value:
+        return
+    sections = cls.docstring.parse("google")
+    entries = [item for section in sections if section.kind.value == "attributes" for item in section.value]
+    members = cls.members
+    if not entries or any(e.name not in members or not getattr(members[e.name], "is_attribute", False)
+                          for e in entries):
+        return
+    for entry in entries:
+        member = members[entry.name]
+        if member.docstring is None and entry.description:
+            member.docstring = griffe.Docstring(entry.description, parent=member)
+    cls.docstring.value = _without_attributes_section(cls.docstring.value)
+
+
 class RestructuredTextToMarkdown(griffe.Extension):
     """Rewrite every docstring of a loaded package with :func:`to_markdown`."""
 
@@ -196,6 +266,8 @@ class RestructuredTextToMarkdown(griffe.Extension):
             comment = _doc_comment(obj)
             if comment:
                 obj.docstring = griffe.Docstring(comment, parent=obj)
+        if obj.docstring is not None and getattr(obj, "is_class", False):
+            _attributes_to_members(obj)
         if obj.docstring is not None:
             obj.docstring.value = to_markdown(obj.docstring.value, obj)
         for member in obj.members.values():

