@@ -28,6 +28,7 @@ from lora_optim.checkpoint import check_loadable
 from lora_optim.distributed import LocalState, WholeState, all_reduce_sum_, is_dtensor, local, row_shard, shard_rows_
 from lora_optim.drift import DriftReport, init_drift_state, measure_drift, record_drift_step_
 from lora_optim.grad_mode import GradMode
+from lora_optim.kernels.paths import cpu_paths
 from lora_optim.learnt_change import LearntChange, learnt_change_of
 from lora_optim.matrix import as_matrix, matrix_shape, writable_matrix
 from lora_optim.nonfinite import warn_skipped
@@ -83,10 +84,12 @@ class LoRAAdam(torch.optim.Optimizer):
     ``rank=None``, get plain AdamW with the group's settings (bit for bit
     ``torch.optim.AdamW(fused=True)``: the same kernel).
 
-    A step runs as lists (:mod:`lora_optim.engine`): one fused Adam call for all factors of a
-    group and device, a few ops per matrix, and one host sync for the NaN/Inf check of the whole
-    step. ``torch.amp.GradScaler`` drives it through its optimizer contract
-    (``_step_supports_amp_scaling``): the scale is divided out inside the fused Adam call, and
+    A step runs as lists (:mod:`lora_optim.engine`): a few ops per matrix, one fused Adam call
+    per parameter, and the NaN/Inf decisions on the device (no host sync with the default
+    ``nonfinite="skip"``), so ``torch.compile(opt.step)`` compiles it whole and a CUDA graph can
+    capture it; pass ``lr`` as a tensor to change it (a scheduler) without recompiling.
+    ``torch.amp.GradScaler`` drives it through its optimizer contract
+    (``_step_supports_amp_scaling``): the scale is divided out inside the fused Adam calls, and
     a step the scaler finds an Inf in changes nothing.
 
     Args:
@@ -113,8 +116,9 @@ class LoRAAdam(torch.optim.Optimizer):
             dtype: +100% of the weight's memory); see :mod:`lora_optim.precision`. ``None`` picks
             ``"stochastic"`` for bf16/fp16 weights, ``"nearest"`` otherwise.
         nonfinite: what a NaN/Inf gradient does (:mod:`lora_optim.nonfinite`): ``"skip"`` that
-            parameter's step, warn and count it (``nonfinite_skips()``), or ``"raise"`` before
-            anything changes.
+            parameter's step, decided on the device, and count it (``nonfinite_skips()``) and warn
+            (at once on the CPU; on an accelerator when the counts are next read), or ``"raise"``
+            before anything changes (the one mode that reads the host in every step).
         drift_probes: number of random probe vectors of the drift check (:mod:`lora_optim.drift`,
             :meth:`drift`); ``0`` (default) turns it off at no cost.
         preserve_sparsity: keep every zero of each low-rank weight exactly zero (LoRS): train
@@ -189,6 +193,11 @@ class LoRAAdam(torch.optim.Optimizer):
         projection_options = {name: declared[name][0].validate(value) for name, value in projection_options.items()}
         self._grad_modes: OrderedDict[int, GradMode] = OrderedDict()  # weak-referenceable, for the handles
         self._index: dict[int, tuple[int, int, int]] = {}
+        # Skip counts already reported by a warning, by id of the count tensor (a cache of what the
+        # host has read: not state).
+        self._skips_seen: dict[int, int] = {}
+        # Whether init_state() made the state of every parameter (step() then makes none).
+        self._state_made = False
         super().__init__(params, {**all_option_defaults(), **common, **projection_options})
         used = {option.name for group in self.param_groups for option in get_projection(group["projection"]).options}
         unused = sorted(set(projection_options) - used)
@@ -243,6 +252,7 @@ class LoRAAdam(torch.optim.Optimizer):
                         f"group (already in group {index})"
                     )
         param_group["params"] = params
+        self.__dict__["_state_made"] = False  # the new parameters have none yet
         super().add_param_group(param_group)
         try:
             validate_group(self.param_groups[-1], explicit)
@@ -255,6 +265,8 @@ class LoRAAdam(torch.optim.Optimizer):
         super().__setstate__(state)
         self.__dict__.setdefault("_grad_modes", OrderedDict())
         self.__dict__.setdefault("_index", {})
+        self.__dict__.setdefault("_skips_seen", {})
+        self.__dict__.setdefault("_state_made", False)
         # Back-fill options added after a checkpoint was written.
         for group in self.param_groups:
             for name, option in COMMON_OPTIONS.items():
@@ -311,7 +323,8 @@ class LoRAAdam(torch.optim.Optimizer):
         if state:
             return state
         with torch.inference_mode(False), torch.no_grad():
-            fresh: dict[str, Any] = {STEP: torch.zeros((), dtype=torch.float32, device=p.device), NONFINITE_SKIPS: 0}
+            fresh: dict[str, Any] = {STEP: torch.zeros((), dtype=torch.float32, device=p.device),
+                                     NONFINITE_SKIPS: torch.zeros((), dtype=torch.int64, device=p.device)}
             if not self._trains_low_rank(p, group):
                 fresh[EXP_AVG] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 fresh[EXP_AVG_SQ] = torch.zeros_like(p, memory_format=torch.preserve_format)
@@ -473,17 +486,15 @@ class LoRAAdam(torch.optim.Optimizer):
     def _gather(self) -> tuple[list[engine.DenseBatch], list[engine.LowRankBatch], list[dict[str, Any]]]:
         """This step's batches, and the states whose projected sums it uses. Raises ``TypeError``
         for a sparse gradient before creating any state."""
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None and p.grad.layout != torch.strided:
-                    raise TypeError(f"Invalid gradient: LoRAAdam does not support sparse gradients; {self._name(p)} "
-                                    f"has a gradient with layout {p.grad.layout}")
+        self._refuse_sparse_grads()
         dense: dict[tuple, engine.DenseBatch] = {}
         lowrank: dict[tuple, engine.LowRankBatch] = {}
         consumed: list[dict[str, Any]] = []
+        index = -1
         for group_index, group in enumerate(self.param_groups):
             hyper = self._hyper(group)
             for p in group["params"]:
+                index += 1
                 existing = self.state.get(p)
                 sums = accumulation.open_sums(existing) if existing else None
                 if p.grad is None and sums is None:
@@ -492,7 +503,7 @@ class LoRAAdam(torch.optim.Optimizer):
                     raise ValueError(f"{self._name(p)} is a DTensor (FSDP2): max_grad_norm is not available on sharded "
                                      "parameters yet (the norm would need a sum over the shards); nothing was changed")
                 state = self._state(p, group)
-                name = self._name(p)
+                name = f"parameter {index} (group {group_index}, shape {tuple(p.shape)})"
                 if not self._trains_low_rank(p, group):
                     param, grad = local(p), local(p.grad)
                     batch = dense.setdefault((group_index, param.device, param.dtype), engine.DenseBatch(
@@ -531,12 +542,48 @@ class LoRAAdam(torch.optim.Optimizer):
                 ))
         return list(dense.values()), list(lowrank.values()), consumed
 
+    def _refuse_sparse_grads(self) -> None:
+        """``TypeError`` for a sparse gradient, before any state is made."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None and p.grad.layout != torch.strided:
+                    raise TypeError(f"Invalid gradient: LoRAAdam does not support sparse gradients; {self._name(p)} "
+                                    f"has a gradient with layout {p.grad.layout}")
+
+    @torch.no_grad()
+    def init_state(self) -> None:
+        """Make now the state every parameter would get at its first step (the factors, moments,
+        counters; a pending gradient init stays pending). ``step()`` makes it lazily, as
+        ``torch.optim`` does; make it here first to compile a whole training step (forward,
+        backward and ``step()``) with ``fullgraph=True``, whose first call cannot make state
+        without a graph break. Parameters that never get a gradient then hold state too."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                self._state(p, group)
+        self._state_made = True
+
+    def _init_group(self, group: dict[str, Any]) -> None:
+        """Make the state of every parameter of ``group`` that has a gradient (``p.grad`` or
+        projected sums) and none yet. Run before the step's math, as ``torch.optim``'s optimizers
+        do, so that a ``torch.compile``d step runs it outside its graph (Dynamo calls
+        ``_init_group`` of an optimizer eagerly) and traces a step over existing state."""
+        for p in group["params"]:
+            existing = self.state.get(p)
+            if existing:
+                continue
+            if p.grad is not None:
+                self._state(p, group)
+
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
         """One optimizer step of every parameter with a gradient (``p.grad``, or the projected sums of
         the per-layer and activation-side modes); see :mod:`lora_optim.engine`.
 
-        Returns the closure's loss, if a closure is given (it runs with gradients enabled).
+        The NaN/Inf decisions stay on the device: no host sync, unless a group has
+        ``nonfinite="raise"`` or a projection decides this step on the host (an ``svd`` refresh,
+        the first step of ``init="gradient"``). So the step compiles whole (``torch.compile``,
+        ``fullgraph=True``) and can be captured in a CUDA graph. Returns the closure's loss, if a
+        closure is given (it runs with gradients enabled).
         """
         loss = None
         if closure is not None:
@@ -547,19 +594,69 @@ class LoRAAdam(torch.optim.Optimizer):
         # Set by torch.amp.GradScaler.step() for optimizers with _step_supports_amp_scaling.
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
+        self._refuse_sparse_grads()
+        if not self._state_made:  # init_state() made all of it: nothing to do (and nothing to trace)
+            for group in self.param_groups:
+                self._init_group(group)
         dense, lowrank, consumed = self._gather()
         if consumed and (hasattr(self, "found_inf") or hasattr(self, "grad_scale")):
             self._check_scaler_sees_something(grad_scale, found_inf, dense)
         report = engine.step_(dense, lowrank, grad_scale=grad_scale,
                               found_inf=found_inf if isinstance(found_inf, Tensor) else None)
-        for state in consumed:
-            accumulation.consume_(state)
-        for name, state, cause in report.skipped:
-            state[NONFINITE_SKIPS] = state.get(NONFINITE_SKIPS, 0) + 1
+        for state in consumed:  # a compiled step keeps the sum tensors: the same ones at every call
+            accumulation.consume_(state, keep=torch.compiler.is_compiling())
+        self._warn_skips(report)
+        return loss
+
+    def _warn_skips(self, report: engine.StepReport) -> None:
+        """Warn about the parameters this step skipped for a NaN/Inf of their own, where that costs
+        no sync: when the step read its flags on the host, or when every skip record lives on the
+        CPU (a memory read). Elsewhere (an accelerator, a compiled step) the device counts are read
+        later (:meth:`_report_skips`)."""
+        if torch.compiler.is_compiling():
+            return
+        if not report.host_read:
+            if not report.records or not all(cpu_paths(r.counted.device) for r in report.records):
+                return
+            for record in report.records:
+                record.host = (bool(record.grad_ok), bool(record.state_ok), int(record.counted))
+        for name, state, cause in report.skipped():
+            counter = id(state[NONFINITE_SKIPS])
+            self._skips_seen[counter] = self._skips_seen.get(counter, 0) + 1
             # Same text every time for a parameter, so the default filter shows it once per
             # parameter; nonfinite_skips() counts them all.
             warn_skipped(f"LoRAAdam skipped a step of {name}: {cause} (count: opt.nonfinite_skips(p))")
-        return loss
+
+    def _report_skips(self) -> None:
+        """Read every skip count (one host read per device) and warn for each parameter skipped
+        since the counts were last read: how the skips of steps that read nothing on the host
+        (accelerators, compiled steps) are reported."""
+        entries = [(index, p, state) for index, (p, state) in enumerate(
+            (p, self.state[p]) for group in self.param_groups for p in group["params"] if p in self.state)
+            if isinstance(state.get(NONFINITE_SKIPS), Tensor)]
+        if not entries:
+            return
+        per_device: dict[torch.device, list[int]] = {}
+        for position, (_, _, state) in enumerate(entries):
+            per_device.setdefault(local(state[NONFINITE_SKIPS]).device, []).append(position)
+        counts: dict[int, int] = {}
+        for positions in per_device.values():
+            values = torch.stack([local(entries[i][2][NONFINITE_SKIPS]) for i in positions]).to("cpu", copy=True)
+            counts.update(zip(positions, values.tolist()))
+        for position, (_, p, state) in enumerate(entries):
+            count = counts[position]
+            seen = self._skips_seen.get(id(state[NONFINITE_SKIPS]), 0)
+            if count > seen:
+                warn_skipped(f"LoRAAdam skipped {count - seen} step(s) of {self._name(p)}: its gradient or optimizer "
+                             "state had NaN or Inf entries; the weight and its optimizer state were left unchanged "
+                             "(count: opt.nonfinite_skips(p))")
+            self._skips_seen[id(state[NONFINITE_SKIPS])] = count
+
+    def state_dict(self) -> dict[str, Any]:
+        """The optimizer's state dict (``torch.optim.Optimizer.state_dict``), after reporting the
+        skips no warning has named yet (one host read of the skip counts)."""
+        self._report_skips()
+        return super().state_dict()
 
     @staticmethod
     def _check_scaler_sees_something(grad_scale: Tensor | None, found_inf: Any, dense: list) -> None:
@@ -838,10 +935,14 @@ class LoRAAdam(torch.optim.Optimizer):
         }
 
     def nonfinite_skips(self, p: Tensor | None = None) -> int:
-        """Steps skipped because of a NaN/Inf gradient: for parameter ``p``, or in total. The counts
-        are ints in the optimizer state (``"nonfinite_skips"``), so they checkpoint."""
+        """Steps skipped because of a NaN/Inf gradient or state: for parameter ``p``, or in total.
+        The counts are 0-dim int64 tensors in the optimizer state (``"nonfinite_skips"``, advanced
+        on the device), so they checkpoint; reading them is a host read, which also issues the
+        warnings of skips not reported yet (:mod:`lora_optim.nonfinite`)."""
         if p is not None:
             self._locate(p)  # ValueError if p is not ours
+        self._report_skips()
+        if p is not None:
             return int(self.state[p].get(NONFINITE_SKIPS, 0)) if p in self.state else 0
         return sum(int(state.get(NONFINITE_SKIPS, 0)) for state in self.state.values())
 
@@ -863,6 +964,7 @@ class LoRAAdam(torch.optim.Optimizer):
         Other options (``lr``, ``betas``, ...) come from the checkpoint, as in ``torch.optim``.
         """
         check_loadable(self.param_groups, state_dict, self._trains_low_rank)
+        self._state_made = False  # a parameter without state in the checkpoint has none now
         saved_state = state_dict["state"]
         saved_ids = [pid for group in state_dict["param_groups"] for pid in group["params"]]
         # Structural options were checked to agree (resolved for each weight); keep this
@@ -872,14 +974,24 @@ class LoRAAdam(torch.optim.Optimizer):
         for group, options in zip(self.param_groups, structural):
             group.update(options)
         self._index.clear()
-        params = [p for group in self.param_groups for p in group["params"]]
-        for pid, p in zip(saved_ids, params):
+        params = [(p, group) for group in self.param_groups for p in group["params"]]
+        for pid, (p, group) in zip(saved_ids, params):
             if pid not in saved_state:
                 continue
             state = self.state[p]
             for key, value in saved_state[pid].items():
                 if isinstance(value, Tensor):
                     state[key] = value.to(device=p.device, copy=True)
+            # Counters a step advances on the device are 0-dim int64 tensors; older checkpoints hold ints.
+            counters = [NONFINITE_SKIPS]
+            if self._trains_low_rank(p, group):
+                counters += [*get_projection(group["projection"]).counter_keys,
+                             *get_writer(self._precision(p, group)).counter_keys]
+            for key in counters:
+                value = state.get(key, 0 if key == NONFINITE_SKIPS else None)
+                if value is not None and not isinstance(value, Tensor):
+                    state[key] = torch.tensor(int(value), dtype=torch.int64, device=local(p).device)
+            self._skips_seen[id(state[NONFINITE_SKIPS])] = int(state[NONFINITE_SKIPS])
             step = state.get(STEP)
             if step is not None and not isinstance(step, Tensor):
                 state[STEP] = torch.tensor(float(step), dtype=torch.float32, device=p.device)

@@ -30,6 +30,7 @@ from torch import Tensor
 from lora_optim import initial_factors
 from lora_optim.kernels import native_kernels
 from lora_optim.kernels.blocks import row_blocks
+from lora_optim.kernels.product import add_thin_product_
 from lora_optim.projections.registry import register_projection
 from lora_optim.projections.base import FactorChange, FactorState, Projection
 from lora_optim.state_keys import FACTOR_A, FACTOR_B
@@ -55,15 +56,17 @@ def block_identity(size: int, rank: int, *, dtype: torch.dtype, device: torch.de
     ``G·E`` sums the columns of ``G`` with equal index mod ``r``, and ``Eᵀ·G`` its rows.
     """
     key = (size, rank, dtype, torch.device(device), transposed)
-    cached = _BLOCK_IDENTITIES.get(key)
+    compiling = torch.compiler.is_compiling()  # inside a compiled step: made in the graph, not cached
+    cached = None if compiling else _BLOCK_IDENTITIES.get(key)
     if cached is None:
-        if len(_BLOCK_IDENTITIES) > 256:  # a bound, for programs that see many shapes
-            _BLOCK_IDENTITIES.clear()
         index = torch.arange(size, device=device)
         cached = (index.remainder(rank).unsqueeze(1) == torch.arange(rank, device=device)).to(dtype)
         if transposed:
             cached = cached.t().contiguous()
-        _BLOCK_IDENTITIES[key] = cached
+        if not compiling:
+            if len(_BLOCK_IDENTITIES) > 256:  # a bound, for programs that see many shapes
+                _BLOCK_IDENTITIES.clear()
+            _BLOCK_IDENTITIES[key] = cached
     return cached
 
 
@@ -151,10 +154,7 @@ def additive_add_delta_(
         torch.autograd.graph.increment_version(target)  # as an in-place torch op would
         return
     left, right = additive_step_product(dA, dB, row_start, target.shape[0], row_offset)
-    if target.dtype == dA.dtype:
-        target.addmm_(left, right, alpha=scale)
-    else:
-        target.add_(torch.mm(left, right), alpha=scale)
+    add_thin_product_(target, left, right, scale)
 
 
 def _rotated_rows(dB: Tensor, row_start: int, row_offset: int) -> Tensor:
@@ -188,6 +188,7 @@ class AdditiveProjection(Projection):
     name = "additive"
     accepts_low_precision_grad = True
     supports_row_sharding = True  # the row folds use global row indices (row_offset)
+    grad_nonfinite_propagates = True  # every G_ij enters a row sum and a column sum
 
     def init_state(self, weight: Tensor, rank: int, seed: int, factor_dtype: torch.dtype, group) -> FactorState:
         """``A`` (out×r) and ``B`` (r×in), both zero (so the base is ``W`` itself)."""
