@@ -536,6 +536,9 @@ def main() -> None:
     def extra(parser) -> None:
         parser.add_argument("--output", default="step", help="results/NAME.md and .png")
         parser.add_argument("--ops-only", action="store_true", help="only the op and sync counts (no timing)")
+        parser.add_argument("--shapes", default=None,
+                            help="comma-separated OUTxIN shapes to time (default: every shape; e.g. 4096x4096)")
+        parser.add_argument("--ranks", default=None, help=f"comma-separated ranks (default {RANKS})")
 
     args = parse_args("Optimizer step vs roofline and peers", repeats=15, quick_repeats=5, extra=extra)
     before = machine_info()  # before any work of this script, so its load is the machine's, not ours
@@ -546,10 +549,16 @@ def main() -> None:
     kernels = native_kernels()
     kernel_text = kernel_table(args.quick, args.repeats)
     shapes = QUICK_SHAPES if args.quick else SHAPES
+    if args.shapes:
+        try:
+            shapes = [tuple(int(n) for n in shape.lower().split("x")) for shape in args.shapes.split(",")]
+        except ValueError:
+            raise SystemExit(f"--shapes: expected OUTxIN[,OUTxIN...], got {args.shapes!r}") from None
+    ranks = tuple(int(r) for r in args.ranks.split(",")) if args.ranks else RANKS
     cases = []
     for rows, cols in shapes:
         for dtype_name in DTYPES:
-            for rank in RANKS:
+            for rank in ranks:
                 print(f"... {rows}×{cols} r={rank} {dtype_name}", file=sys.stderr, flush=True)
                 cases.append(run_case(rows, cols, rank, dtype_name, args.repeats))
     after = machine_info()
