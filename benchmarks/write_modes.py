@@ -131,7 +131,7 @@ def write_mode_costs() -> dict[str, dict[str, float]]:
             optimizer.step()
             with DispatchCounter() as counter:
                 optimizer.step()
-        costs[mode] = {"bytes_per_element": kept / weight.numel(), "ops_per_matrix": counter.total / len(params),
+        costs[mode] = {"bytes_per_element": kept / weight.numel(), "bytes_per_matrix": kept, "ops_per_matrix": counter.total / len(params),
                        "launches_per_matrix": counter.launches / len(params)}
     return costs
 
@@ -213,7 +213,10 @@ def _table(methods: list[str], results: list[dict], costs: dict) -> str:
         kept = ops = "–"  # fp32 weights are written exactly; PEFT writes no weight
         if method in costs:
             cost = costs[method]
-            kept = f"{cost['bytes_per_element']:g}"
+            per_element = cost["bytes_per_element"]
+            # A mode that keeps only counters (stochastic: a 0-dim int64) keeps bytes per matrix, not per element.
+            kept = (f"{per_element:g}" if per_element >= 0.01 or not per_element
+                    else f"0 ({cost.get('bytes_per_matrix', 0):.0f} B per matrix)")
             ops = f"{cost['ops_per_matrix']:.1f} ({cost['launches_per_matrix']:.1f})"
         rows.append([LABELS[method], mean_std([100 * r["accuracy"] for r in runs], 1),
                      mean_std([r["held_out_loss"] for r in runs], 3), mean_std([r["train_loss_last10"] for r in runs], 3),
