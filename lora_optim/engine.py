@@ -49,13 +49,14 @@ import torch
 from torch import Tensor
 
 from lora_optim.distributed import all_reduce_sum_
+from lora_optim.divergence import record_step_sizes_
 from lora_optim.drift import record_drift_step_
 from lora_optim.matrix import as_matrix, writable_matrix
 from lora_optim.nonfinite import FiniteCheck, NonFiniteGradientError
 from lora_optim.precision import WeightWriter
 from lora_optim.projections.base import FactorChange, Projection
 from lora_optim.sparsity import mask_grad, sparsity_mask
-from lora_optim.state_keys import DRIFT_CHANGE, EXP_AVG, EXP_AVG_SQ, MOMENT_KEYS, STEP
+from lora_optim.state_keys import DRIFT_CHANGE, EXP_AVG, EXP_AVG_SQ, MOMENT_KEYS, STEP, STEP_SIZE_REFERENCE
 from lora_optim.weight_change import weight_delta
 
 __all__ = [
@@ -521,6 +522,10 @@ def _prepare_lowrank(batch: LowRankBatch, items: list[LowRankItem]) -> _Prepared
 def _write_lowrank_(batch: LowRankBatch, items: list[LowRankItem], positions: list[tuple[int | None, int | None]],
                     before: list[Tensor], deltas: list[Tensor]) -> None:
     projection = batch.projection
+    guarded = [item for item in items if STEP_SIZE_REFERENCE in item.state]  # the divergence guard, on the device
+    record_step_sizes_(batch.scale, [item.state for item in guarded], [item.factors for item in guarded],
+                       [tuple(None if i is None else deltas[i] for i in where)
+                        for item, where in zip(items, positions) if STEP_SIZE_REFERENCE in item.state])
     for item, (index_A, index_B) in zip(items, positions):
         A, B = item.factors
         old_A, step_A = (A, torch.zeros_like(A)) if index_A is None else (before[index_A], deltas[index_A])

@@ -25,6 +25,14 @@ from torch.utils.hooks import RemovableHandle
 
 from lora_optim import accumulation, engine, initial_factors
 from lora_optim.checkpoint import check_loadable
+from lora_optim.divergence import (
+    DEFAULT_DIVERGENCE_THRESHOLD,
+    StepSizeReport,
+    check_step_sizes,
+    init_step_size_state,
+    is_check_step,
+    step_size_report,
+)
 from lora_optim.distributed import LocalState, WholeState, all_reduce_sum_, is_dtensor, local, row_shard, shard_rows_
 from lora_optim.drift import DriftReport, init_drift_state, measure_drift, record_drift_step_
 from lora_optim.grad_mode import GradMode
@@ -56,6 +64,7 @@ from lora_optim.state_keys import (
     ROW_SHARDED_KEYS,
     SEED,
     STEP,
+    STEP_SIZE_REFERENCE,
 )
 from lora_optim.weight_change import weight_delta
 
@@ -117,6 +126,11 @@ class LoRAAdam(torch.optim.Optimizer):
             anything changes.
         drift_probes: number of random probe vectors of the drift check (:mod:`lora_optim.drift`,
             :meth:`drift`); ``0`` (default) turns it off at no cost.
+        divergence_threshold: the divergence guard (:mod:`lora_optim.divergence`): a
+            :class:`~lora_optim.divergence.DivergenceWarning` when a step moves a low-rank weight
+            by more than this share of its norm, ``s·‖ΔW‖/‖W₀‖`` (checked on the host after steps
+            1, 2, 4, …, 512, then every 512; no host sync in the other steps); ``None`` turns it
+            off (no state, no work). Default ``0.01``, about twice what healthy runs reach.
         preserve_sparsity: keep every zero of each low-rank weight exactly zero (LoRS): train
             ``W = W₀ + s·ΔW ⊙ [W₀ ≠ 0]``, with the mask stored packed, 1 bit per weight
             (:mod:`lora_optim.sparsity`). Densely trained parameters (vectors, ``rank=None``
@@ -171,6 +185,7 @@ class LoRAAdam(torch.optim.Optimizer):
         precision: str | None = None,
         nonfinite: str = "skip",
         drift_probes: int = 0,
+        divergence_threshold: float | None = DEFAULT_DIVERGENCE_THRESHOLD,
         preserve_sparsity: bool = False,
         max_grad_norm: float | None = None,
         loraplus_lr_ratio: float = 1.0,
@@ -181,7 +196,8 @@ class LoRAAdam(torch.optim.Optimizer):
         check_option_names(projection_options, where="LoRAAdam")
         common = dict(lr=lr, rank=rank, alpha=alpha, projection=projection, betas=betas, eps=eps,
                       weight_decay=weight_decay, seed=seed, precision=precision, nonfinite=nonfinite,
-                      drift_probes=drift_probes, preserve_sparsity=preserve_sparsity, max_grad_norm=max_grad_norm,
+                      drift_probes=drift_probes, divergence_threshold=divergence_threshold,
+                      preserve_sparsity=preserve_sparsity, max_grad_norm=max_grad_norm,
                       loraplus_lr_ratio=loraplus_lr_ratio, use_rslora=use_rslora,
                       keep_initial_factors=keep_initial_factors)
         common = {name: COMMON_OPTIONS[name].validate(value) for name, value in common.items()}
@@ -189,6 +205,8 @@ class LoRAAdam(torch.optim.Optimizer):
         projection_options = {name: declared[name][0].validate(value) for name, value in projection_options.items()}
         self._grad_modes: OrderedDict[int, GradMode] = OrderedDict()  # weak-referenceable, for the handles
         self._index: dict[int, tuple[int, int, int]] = {}
+        self._steps_called = 0  # host count of step() calls: when the divergence guard reads its values
+        self._divergence_warned: set[str] = set()
         super().__init__(params, {**all_option_defaults(), **common, **projection_options})
         used = {option.name for group in self.param_groups for option in get_projection(group["projection"]).options}
         unused = sorted(set(projection_options) - used)
@@ -255,6 +273,8 @@ class LoRAAdam(torch.optim.Optimizer):
         super().__setstate__(state)
         self.__dict__.setdefault("_grad_modes", OrderedDict())
         self.__dict__.setdefault("_index", {})
+        self.__dict__.setdefault("_steps_called", 0)
+        self.__dict__.setdefault("_divergence_warned", set())
         # Back-fill options added after a checkpoint was written.
         for group in self.param_groups:
             for name, option in COMMON_OPTIONS.items():
@@ -339,6 +359,8 @@ class LoRAAdam(torch.optim.Optimizer):
                     fresh.update(init_drift_state(weight, group["drift_probes"], seed))
                 if shard is not None:
                     shard_rows_(fresh, ROW_SHARDED_KEYS + projection.row_sharded_keys, shard)
+                if group["divergence_threshold"] is not None:  # of this rank's rows on a shard
+                    fresh.update(init_step_size_state(as_matrix(local(p).detach()), projection, rank, dtype))
         state.update(fresh)
         return state
 
@@ -559,6 +581,9 @@ class LoRAAdam(torch.optim.Optimizer):
             # Same text every time for a parameter, so the default filter shows it once per
             # parameter; nonfinite_skips() counts them all.
             warn_skipped(f"LoRAAdam skipped a step of {name}: {cause} (count: opt.nonfinite_skips(p))")
+        self._steps_called += 1
+        if is_check_step(self._steps_called) and not torch.compiler.is_compiling():
+            self.check_step_sizes()  # the divergence guard's host read (lora_optim.divergence)
         return loss
 
     @staticmethod
@@ -837,6 +862,30 @@ class LoRAAdam(torch.optim.Optimizer):
             if self._trains_low_rank(p, group) and group["drift_probes"]
         }
 
+    def _guarded(self) -> list[tuple[int, Tensor, dict[str, Any]]]:
+        """``(index, p, group)`` of every low-rank parameter with guard state."""
+        params = [(p, group) for group in self.param_groups for p in group["params"]]
+        return [(index, p, group) for index, (p, group) in enumerate(params)
+                if self._trains_low_rank(p, group) and STEP_SIZE_REFERENCE in self.state.get(p, {})]
+
+    def step_size_report(self) -> dict[int, StepSizeReport]:
+        """The divergence guard's values (:mod:`lora_optim.divergence`) of every low-rank parameter
+        that has them, keyed by the parameter's index in the optimizer: the largest and the latest
+        relative step ``s·‖ΔW‖/‖W₀‖`` and the group's ``divergence_threshold``. One host read per
+        parameter."""
+        return {index: step_size_report(self.state[p], group["divergence_threshold"])
+                for index, p, group in self._guarded()}
+
+    def check_step_sizes(self) -> list[str]:
+        """Read the divergence guard's largest relative steps now (one host read per device) and warn
+        (:class:`~lora_optim.divergence.DivergenceWarning`, once per parameter) for those above their
+        group's ``divergence_threshold``; returns their names. ``step()`` calls it after steps 1, 2,
+        4, …, 512 and every 512 steps, except inside ``torch.compile``: a compiled training loop
+        calls it itself (outside the compiled function)."""
+        entries = [(self._name(p), self.state[p], group["divergence_threshold"])
+                   for _, p, group in self._guarded() if group["divergence_threshold"] is not None]
+        return check_step_sizes(entries, self._divergence_warned)
+
     def nonfinite_skips(self, p: Tensor | None = None) -> int:
         """Steps skipped because of a NaN/Inf gradient: for parameter ``p``, or in total. The counts
         are ints in the optimizer state (``"nonfinite_skips"``), so they checkpoint."""
@@ -885,6 +934,12 @@ class LoRAAdam(torch.optim.Optimizer):
                 state[STEP] = torch.tensor(float(step), dtype=torch.float32, device=p.device)
             elif isinstance(step, Tensor):
                 state[STEP] = step.to(dtype=torch.float32)
+            group = self._group_of(p)
+            if (group["divergence_threshold"] is not None and self._trains_low_rank(p, group)
+                    and STEP_SIZE_REFERENCE not in state and RANK in state and row_shard(p) is None):
+                # A checkpoint without the divergence guard's state: measured from the weight as loaded.
+                state.update(init_step_size_state(as_matrix(p.detach()), get_projection(group["projection"]),
+                                                  state[RANK], state[MOMENT_KEYS["A"][0]].dtype))
             if "accumulated_pieces" in state:  # the format before the accumulation status
                 pieces = state.pop("accumulated_pieces")
                 if pieces and ACCUMULATED_GRAD_A in state:

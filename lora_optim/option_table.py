@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from lora_optim.divergence import DEFAULT_DIVERGENCE_THRESHOLD
 from lora_optim.nonfinite import NONFINITE_POLICIES
 from lora_optim.options import Option, beta_pair, boolean, choice, integer, learning_rate, optional, real
 from lora_optim.precision import available_writers
@@ -38,6 +39,9 @@ COMMON_OPTIONS: Mapping[str, Option] = {
                doc="write mode into W; None picks one by the weight's dtype"),
         Option("nonfinite", "skip", choice(NONFINITE_POLICIES), doc="what a NaN/Inf gradient does"),
         Option("drift_probes", 0, integer(0), structural=True, doc="probe vectors of the drift check (0: off)"),
+        # issue 19 (lora_optim.divergence): warn when a step moves a weight by more than this share of its norm.
+        Option("divergence_threshold", DEFAULT_DIVERGENCE_THRESHOLD, optional(real(0.0, inclusive=False)),
+               doc="warn when a step's s·‖ΔW‖/‖W₀‖ exceeds this (None: no guard, no state)"),
         # issue 11 (lora_optim.sparsity): keep every zero of W exactly zero (a stored mask in the state).
         Option("preserve_sparsity", False, boolean, structural=True,
                doc="keep the zeros of W exactly zero: W = W0 + s·ΔW ⊙ [W0 != 0] (LoRS)"),

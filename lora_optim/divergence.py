@@ -1,0 +1,177 @@
+"""The divergence guard: a warning when a step moves a weight far more than training does.
+
+A run whose learning rate is too large for its projection (``additive`` at lr 1e-3, alpha 16)
+does not produce a NaN: every step moves every entry of ``W`` by a bounded amount, the loss
+climbs to chance level and stays there, silently. What gives it away early is the size of the
+steps relative to the weight. For every low-rank matrix and step the guard records
+
+.. math::
+
+    \\rho_t = \\frac{s\\,\\lVert \\Delta_t \\rVert_F}{\\lVert W_0 \\rVert_F}, \\qquad
+    \\lVert \\Delta_t \\rVert_F^2 \\approx \\lVert dA \\rVert^2 (a_0 + a_1 \\lVert B' \\rVert^2)
+    + \\lVert dB \\rVert^2 (b_0 + b_1 \\lVert A' \\rVert^2),
+
+``Δ_t = Δ(A', B') − Δ(A, B)`` the step's change of the parametrisation, estimated from the
+squared norms of the factor steps and factors with the projection's coefficients
+(:meth:`Projection.step_size_coefficients <lora_optim.projections.Projection.step_size_coefficients>`:
+``(0, 1/r, 0, 1/r)`` for the product ``A·B`` of ``lora``, ``random`` and ``svd``,
+``(in/r, 0, out/r, 0)`` for ``additive``), and ``W₀`` the weight when its state was made. The
+estimate leaves out a cross term; ``tests/test_divergence.py`` checks it against the exact
+``‖W_t − W_{t−1}‖/‖W₀‖`` (within a factor of 1.5 on random instances, exact for ``additive``
+when the cross term vanishes).
+
+Cost: on the device, per batch of matrices (a param group on one device), two ``_foreach_norm``
+calls, a few vector ops and one ``_foreach_maximum_``: a fixed handful of ops whatever the
+number of matrices (eleven kernel launches), and **no host read**. The state keeps three small tensors per matrix
+(:data:`~lora_optim.state_keys.STEP_SIZE_KEYS`): the reference ``(a₀, b₀, a₁, b₁)/‖W₀‖²``, and
+the largest ``ρ²`` so far and the latest (squares: no root on the device).
+
+The host reads the largest values only in :func:`check_step_sizes` (one read per device), which
+:class:`~lora_optim.LoRAAdam` calls after steps 1, 2, 4, 8, …, 512 and then every 512 steps
+(eleven reads in the first 1000 steps), and never inside a compiled step
+(``torch.compiler.is_compiling()``): a step with ``nonfinite="skip"`` stays free of host syncs,
+and a compiled training loop calls :meth:`LoRAAdam.check_step_sizes
+<lora_optim.LoRAAdam.check_step_sizes>` itself when it wants the warning. A matrix whose largest
+``ρ`` exceeds its group's ``divergence_threshold`` gets one :class:`DivergenceWarning`.
+``LoRAAdam.step_size_report()`` and the drift report (``DriftReport.largest_step``) show the
+values whatever the threshold.
+
+The default threshold, ``0.01``, is set from measured training (``benchmarks/projection_study.py``,
+``docs/choosing.md``): see :data:`DEFAULT_DIVERGENCE_THRESHOLD`.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable, Sequence
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from lora_optim.projections.base import Projection
+from lora_optim.state_keys import STEP_SIZE_KEYS, STEP_SIZE_LARGEST, STEP_SIZE_LAST, STEP_SIZE_REFERENCE
+
+__all__ = [
+    "DEFAULT_DIVERGENCE_THRESHOLD",
+    "DivergenceWarning",
+    "StepSizeReport",
+    "STEP_SIZE_KEYS",
+    "init_step_size_state",
+    "record_step_sizes_",
+    "step_size_report",
+    "check_step_sizes",
+    "is_check_step",
+]
+
+#: The default ``divergence_threshold``: a step that moves a weight by more than 1% of its norm.
+#: Measured on the eight-class MiniLM task (200 steps, every projection, lr from 1/8 to 2× the
+#: best): healthy runs stay below 0.005; see ``docs/choosing.md`` for the distributions.
+DEFAULT_DIVERGENCE_THRESHOLD = 0.01
+
+#: Host reads of the largest values come after these steps (then every 512 steps).
+_CHECK_PERIOD = 512
+
+
+class DivergenceWarning(UserWarning):
+    """A step moved a weight by more than its group's ``divergence_threshold`` of its norm."""
+
+
+class StepSizeReport(NamedTuple):
+    """The relative step sizes of one low-rank matrix (see the module docstring)."""
+
+    #: The largest ``ρ = s·‖ΔW‖/‖W₀‖`` of one step so far.
+    largest: float
+    #: ``ρ`` of the latest step (``0.0`` for a skipped step).
+    last: float
+    #: The group's ``divergence_threshold`` (``None``: no warning).
+    threshold: float | None
+
+
+def init_step_size_state(weight: Tensor, projection: Projection, rank: int, dtype: torch.dtype) -> dict[str, Tensor]:
+    """Guard state for the ``out×in`` matrix ``weight`` (one norm of it), in the factor ``dtype``: the
+    reference ``(a₀, b₀, a₁, b₁)/‖W₀‖_F²`` and two zeros. A zero weight is taken as ``‖W₀‖ = 1``
+    (the guard then measures the absolute ``s·‖ΔW‖``)."""
+    out_features, in_features = weight.shape
+    norm_sq = torch.linalg.vector_norm(weight, dtype=torch.promote_types(weight.dtype, dtype)).to(dtype).square()
+    norm_sq = torch.where(norm_sq > 0, norm_sq, torch.ones_like(norm_sq))
+    a0, a1, b0, b1 = projection.step_size_coefficients(out_features, in_features, rank)
+    coefficients = torch.tensor((a0, b0, a1, b1), dtype=dtype, device=weight.device)
+    zero = torch.zeros((), dtype=dtype, device=weight.device)
+    return {STEP_SIZE_REFERENCE: coefficients / norm_sq, STEP_SIZE_LARGEST: zero, STEP_SIZE_LAST: zero.clone()}
+
+
+def record_step_sizes_(
+    scale: float,
+    states: Sequence[dict[str, Any]],
+    factors: Sequence[tuple[Tensor, Tensor]],
+    steps: Sequence[tuple[Tensor | None, Tensor | None]],
+) -> None:
+    """Record ``ρ²`` of this step for a batch of matrices of one device (module docstring): eleven
+    launching ops whatever the number of matrices, no host read.
+
+    ``factors[i]`` is ``(A', B')`` of matrix ``i`` after the step, ``steps[i]`` its ``(dA, dB)``
+    (``None`` for a factor that did not train), ``states[i]`` its state with the guard's keys.
+    """
+    if not states:
+        return
+    count = len(states)
+    # Norms of (B', A') per matrix (swapped: each multiplies the other factor's step), then of (dA, dB).
+    norms = list(torch._foreach_norm([t for A, B in factors for t in (B, A)]))
+    trained = [t for pair in steps for t in pair if t is not None]
+    step_norms = iter(torch._foreach_norm(trained) if trained else [])
+    if len(trained) == 2 * count:
+        norms += list(step_norms)
+    else:  # a factor that did not train took no step
+        zero = norms[0].new_zeros(())
+        norms += [next(step_norms) if t is not None else zero for pair in steps for t in pair]
+    squares = torch.stack(norms).square_().view(2, count, 2)
+    reference = torch.stack([state[STEP_SIZE_REFERENCE] for state in states])  # (a0, b0, a1, b1) / ‖W0‖²
+    weights = torch.addcmul(reference[:, :2], reference[:, 2:], squares[0])  # (a0 + a1‖B'‖², b0 + b1‖A'‖²)/‖W0‖²
+    ratios = torch.bmm(squares[1].unsqueeze(1), weights.unsqueeze(2)).view(count).mul_(scale * scale).unbind()  # ρ²
+    torch._foreach_maximum_([state[STEP_SIZE_LARGEST] for state in states], ratios)
+    torch._foreach_copy_([state[STEP_SIZE_LAST] for state in states], ratios)
+
+
+def step_size_report(state: dict[str, Any], threshold: float | None) -> StepSizeReport:
+    """:class:`StepSizeReport` of one matrix's state (one host read); zeros before its first step."""
+    if STEP_SIZE_LARGEST not in state:
+        return StepSizeReport(0.0, 0.0, threshold)
+    values = torch.stack((state[STEP_SIZE_LARGEST], state[STEP_SIZE_LAST])).sqrt().to("cpu", copy=True).tolist()
+    return StepSizeReport(values[0], values[1], threshold)
+
+
+def is_check_step(count: int) -> bool:
+    """Whether the guard reads the largest values after step ``count`` (1, 2, 4, …, 512, 1024, 1536, …)."""
+    return count > 0 and (count & (count - 1) == 0 if count <= _CHECK_PERIOD else count % _CHECK_PERIOD == 0)
+
+
+def check_step_sizes(entries: Iterable[tuple[str, dict[str, Any], float]], warned: set[str]) -> list[str]:
+    """Warn (:class:`DivergenceWarning`) for every matrix whose largest ``ρ`` exceeds its threshold.
+
+    ``entries`` holds ``(name, state, threshold)`` per matrix with a threshold; names in ``warned``
+    are not warned again and new ones are added. One host read per device. Returns the names of
+    the matrices above their threshold (warned now or before).
+    """
+    by_device: dict[torch.device, list[tuple[str, Tensor, float]]] = {}
+    for name, state, threshold in entries:
+        largest = state.get(STEP_SIZE_LARGEST)
+        if largest is not None:
+            by_device.setdefault(largest.device, []).append((name, largest, threshold))
+    above = []
+    for rows in by_device.values():
+        # One device-to-host copy (a copy even on the CPU, so that a TorchDispatchMode counting syncs sees it).
+        values = torch.stack([largest for _, largest, _ in rows]).sqrt().to("cpu", copy=True).tolist()
+        for (name, _, threshold), value in zip(rows, values):
+            if value > threshold:
+                above.append(name)
+                if name not in warned:
+                    warned.add(name)
+                    warnings.warn(
+                        f"LoRAAdam: a step moved {name} by {value:.3g} of its norm (s·‖ΔW‖/‖W₀‖), above the "
+                        f"divergence_threshold {threshold:g}; healthy fine-tuning stays below 0.005. The learning rate "
+                        "(or alpha) is likely too large for this projection, and the run may collapse to chance "
+                        "without a NaN. See opt.step_size_report() and docs/choosing.md.",
+                        DivergenceWarning, stacklevel=3,
+                    )
+    return above
