@@ -17,11 +17,16 @@ and fused AdamW.
 
 Measured per run: held-out accuracy and mean loss (576 held-out docstrings), the mean training
 loss of the last 10 minibatches and every minibatch's loss, the optimizer state bytes
-(:func:`lora_optim.optimizer_state_bytes`), and per step the exact relative change of every
-low-rank weight, ``‖W_t − W_{t−1}‖_F / ‖W_{t−1}‖_F`` (from a copy of the weights before the
-step): its maximum and median over the 36 matrices; and at the end, ``‖W_T − W_0‖_F / ‖W_0‖_F`` of
-each matrix (``displacement``). That last trace is what the divergence
-guard's threshold is calibrated on (:mod:`lora_optim.divergence`).
+(:func:`lora_optim.optimizer_state_bytes`), the exact relative change of every low-rank weight
+in a step, ``‖W_t − W_{t−1}‖_F / ‖W_{t−1}‖_F`` (from a copy of the weights before the step), its
+maximum and median over the 36 matrices, at steps 1–20 and every 10th step after
+(``change_steps``, ``change_max``, ``change_median``); the divergence guard's own estimate of
+the largest one at every step (``guard_max``, :mod:`lora_optim.divergence`), on which its
+threshold is calibrated; and at the end ``‖W_T − W_0‖_F / ‖W_0‖_F`` of each matrix
+(``displacement``).
+
+The ``LoRAAdam`` runs use the activation-side mode (``opt.attach(model)``): the same steps as the
+plain mode (tested equal to float rounding), 20% faster on this model.
 """
 
 from __future__ import annotations
@@ -137,6 +142,7 @@ def build(run: RunSpec, num_labels: int) -> tuple[nn.Module, torch.optim.Optimiz
                           {"params": head, "rank": None}],
                          lr=run.lr, projection=run.method, seed=run.seed, weight_decay=0.0, **scale,
                          **dict(run.options))
+    optimizer.attach(model)  # the activation-side mode: the same steps, without forming G (faster)
     return model, optimizer, weights
 
 
@@ -155,6 +161,7 @@ def train(run: RunSpec, data: TaskData) -> dict[str, Any]:
     model, optimizer, weights = build(run, data.task.num_labels)
     batches = mt.iterate_batches(data.train, data.task.train_labels, run.batch, seed=run.seed, num_epochs=None)
     losses: list[float] = []
+    change_steps: list[int] = []  # steps (1-based) of the exact trace: 1..20, then every 10th
     change_max: list[float] = []
     change_median: list[float] = []
     guard_max: list[float] = []  # the divergence guard's own estimate (lora_optim.divergence), max over matrices
@@ -166,17 +173,19 @@ def train(run: RunSpec, data: TaskData) -> dict[str, Any]:
         for batch in itertools.islice(batches, run.steps):
             loss = mt.cross_entropy_loss(model, batch)
             loss.backward()
-            before = [w.detach().clone() for w in weights]
+            exact = weights and (len(losses) < 20 or len(losses) % 10 == 9)
+            before = [w.detach().clone() for w in weights] if exact else None
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             losses.append(loss.item())
-            if weights:
+            if exact:
                 changes = _relative_changes([w.detach() for w in weights], before)
+                change_steps.append(len(losses))
                 change_max.append(max(changes))
                 change_median.append(statistics.median(changes))
-                report = optimizer.step_size_report() if hasattr(optimizer, "step_size_report") else {}
-                if report:
-                    guard_max.append(max(entry.last for entry in report.values()))
+            if weights:
+                report = optimizer.step_size_report()
+                guard_max.append(max(entry.last for entry in report.values()) if report else float("nan"))
             for warning in caught:
                 warnings_seen.append(f"step {len(losses)}: {warning.category.__name__}: {warning.message}")
             caught.clear()
@@ -192,6 +201,7 @@ def train(run: RunSpec, data: TaskData) -> dict[str, Any]:
         "train_loss_last10": statistics.fmean(finite) if len(finite) == 10 else float("nan"),
         "losses": losses,
         "state_bytes": optimizer_state_bytes(optimizer),
+        "change_steps": change_steps,
         "change_max": change_max,
         "change_median": change_median,
         "guard_max": guard_max,

@@ -1,5 +1,6 @@
 """``additive`` with redrawn index maps (``remap_every``): a twin with explicit one-hot factors and
-``torch.optim.AdamW``, the fixed map before the first redraw, resume, modes and export."""
+``torch.optim.AdamW``, the fixed map before the first redraw, resume, checkpoint contents, skipped
+steps, modes and export."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from lora_optim import LoRAAdam
+from lora_optim import LoRAAdam, NonFiniteGradientWarning
 from lora_optim.moment_rules import apply_moment_rule_
 from lora_optim.projections.additive import class_maps
 
@@ -176,3 +177,58 @@ def test_remap_with_a_masked_drift_probe_is_refused():
     with pytest.raises(ValueError, match="remap_every=2 with preserve_sparsity=True and drift_probes=2"):
         LoRAAdam(model.parameters(), rank=3, projection="additive", remap_every=2, preserve_sparsity=True,
                  drift_probes=2)
+
+
+def test_state_holds_only_tensors_and_numbers_after_redraws(tmp_path):
+    """After redraws the state is tensors, ints and floats only (the maps are not stored: they are
+    regenerated from ``seed`` and ``draws``), so ``torch.load(weights_only=True)`` reads it."""
+    model, x, y = _model()
+    opt = LoRAAdam(model.parameters(), rank=3, projection="additive", lr=0.02, remap_every=2, moment_rule="transport")
+    _train(model, opt, x, y, 5)
+    state = opt.state_dict()
+    for entry in state["state"].values():
+        for key, value in entry.items():
+            assert isinstance(value, (torch.Tensor, int, float)), (key, type(value))
+    assert state["state"][0]["draws"] == 3 and state["state"][0]["age"] == 1
+    torch.save(state, tmp_path / "opt.pt")
+    loaded = torch.load(tmp_path / "opt.pt", weights_only=True)
+    assert loaded["state"][0]["draws"] == 3
+
+
+def test_a_loaded_copy_does_not_share_the_maps_with_the_original():
+    """Two optimizers from one state dict continue independently and identically (the map cache is
+    keyed by each optimizer's own factor tensors, not shared like GaLore's projector objects)."""
+    options = dict(rank=3, projection="additive", lr=0.02, remap_every=2)
+    model, x, y = _model()
+    opt = LoRAAdam(model.parameters(), **options)
+    _train(model, opt, x, y, 3)
+    twin_model = _model(seed=1)[0]
+    twin_model.load_state_dict(model.state_dict())
+    twin = LoRAAdam(twin_model.parameters(), **options)
+    twin.load_state_dict(opt.state_dict())
+    _train(model, opt, x, y, 4)  # the original goes through two more redraws first
+    _train(twin_model, twin, x, y, 4)
+    for a, b in zip(model.parameters(), twin_model.parameters()):
+        torch.testing.assert_close(b.detach(), a.detach(), rtol=0, atol=0)
+    assert twin.state[twin_model[0].weight]["draws"] == opt.state[model[0].weight]["draws"] == 4
+
+
+def test_a_skipped_step_does_not_advance_the_maps():
+    """A NaN gradient skips the step (``nonfinite="skip"``): no redraw is committed, and the run then
+    equals one without the bad step."""
+    runs = []
+    for bad in (False, True):
+        model, x, y = _model()
+        opt = LoRAAdam(model.parameters(), rank=3, projection="additive", lr=0.02, remap_every=2)
+        _train(model, opt, x, y, 2)  # the next step is due to redraw
+        if bad:
+            for p in model.parameters():
+                p.grad = torch.full_like(p, float("nan"))
+            with pytest.warns(NonFiniteGradientWarning, match="skipped a step"):
+                opt.step()
+            opt.zero_grad()
+            assert opt.state[model[0].weight]["draws"] == 1 and opt.state[model[0].weight]["age"] == 2
+        _train(model, opt, x, y, 3)
+        runs.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*runs):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -21,6 +21,9 @@ from lora_optim.kernels import native_kernels, use_native
 
 LOW_PRECISION = [torch.bfloat16, torch.float16]
 
+#: The divergence guard's state per low-rank matrix: 6 fp32 numbers (lora_optim.divergence).
+GUARD_BYTES = 6 * 4
+
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: thread hand-offs only cost time
 
@@ -236,7 +239,7 @@ def test_state_bytes_per_mode(precision):
     for key in ("A", "B", "exp_avg_A", "exp_avg_sq_A", "exp_avg_B", "exp_avg_sq_B"):
         assert state[key].dtype == torch.float32
     extra = {"nearest": 0, "stochastic": 0, "compensated": out * inn * 2}[precision]
-    assert optimizer_state_bytes(opt) == 3 * rank * (out + inn) * 4 + extra + 4  # + the step count
+    assert optimizer_state_bytes(opt) == 3 * rank * (out + inn) * 4 + extra + 4 + GUARD_BYTES  # + step, guard
 
 
 class _GivenDelta:
@@ -413,10 +416,10 @@ def test_drift_is_off_by_default_and_costs_nothing():
     opt = LoRAAdam([weight], rank=4)
     opt.step()
     assert not any(key.startswith("drift") for key in opt.state[weight])
-    assert optimizer_state_bytes(opt) == 3 * 4 * (30 + 20) * 4 + 4  # + the step count
+    assert optimizer_state_bytes(opt) == 3 * 4 * (30 + 20) * 4 + 4 + GUARD_BYTES  # + the step count, the guard
     with pytest.raises(ValueError, match="drift_probes=0"):
         opt.drift(weight)
     assert opt.drift_report() == {}
     probed = LoRAAdam([weight], rank=4, drift_probes=3)
     probed.step()
-    assert optimizer_state_bytes(probed) == 3 * 4 * (30 + 20) * 4 + 4 + 3 * (20 + 2 * 30) * 8
+    assert optimizer_state_bytes(probed) == 3 * 4 * (30 + 20) * 4 + 4 + GUARD_BYTES + 3 * (20 + 2 * 30) * 8
