@@ -66,6 +66,7 @@ from lora_optim.state_keys import (
     STEP,
     STEP_SIZE_REFERENCE,
 )
+from lora_optim.update_scale import update_multiplier
 from lora_optim.weight_change import weight_delta
 
 __all__ = ["LoRAAdam"]
@@ -131,6 +132,11 @@ class LoRAAdam(torch.optim.Optimizer):
             by more than this share of its norm, ``s·‖ΔW‖/‖W₀‖`` (checked on the host after steps
             1, 2, 4, …, 512, then every 512; no host sync in the other steps); ``None`` turns it
             off (no state, no work). Default ``0.01``, about twice what healthy runs reach.
+        update_scale: ``"plain"`` (default: ``s`` as above) or ``"matched"``: ``s`` of each low-rank
+            matrix times ``c_P = √(n_lora/n_P)``, so that the expected ``‖ΔW‖_F`` of the first
+            step is ``lora``'s for every projection at the same ``lr`` (:mod:`lora_optim.update_scale`:
+            ``c = 1`` for ``lora``, ``√(r/(6·in))`` for ``random`` and ``additive``,
+            ``√(out/(3·max(out, in)))`` for ``svd``). :meth:`factor_scale` includes it.
         preserve_sparsity: keep every zero of each low-rank weight exactly zero (LoRS): train
             ``W = W₀ + s·ΔW ⊙ [W₀ ≠ 0]``, with the mask stored packed, 1 bit per weight
             (:mod:`lora_optim.sparsity`). Densely trained parameters (vectors, ``rank=None``
@@ -186,6 +192,7 @@ class LoRAAdam(torch.optim.Optimizer):
         nonfinite: str = "skip",
         drift_probes: int = 0,
         divergence_threshold: float | None = DEFAULT_DIVERGENCE_THRESHOLD,
+        update_scale: str = "plain",
         preserve_sparsity: bool = False,
         max_grad_norm: float | None = None,
         loraplus_lr_ratio: float = 1.0,
@@ -196,7 +203,7 @@ class LoRAAdam(torch.optim.Optimizer):
         check_option_names(projection_options, where="LoRAAdam")
         common = dict(lr=lr, rank=rank, alpha=alpha, projection=projection, betas=betas, eps=eps,
                       weight_decay=weight_decay, seed=seed, precision=precision, nonfinite=nonfinite,
-                      drift_probes=drift_probes, divergence_threshold=divergence_threshold,
+                      drift_probes=drift_probes, divergence_threshold=divergence_threshold, update_scale=update_scale,
                       preserve_sparsity=preserve_sparsity, max_grad_norm=max_grad_norm,
                       loraplus_lr_ratio=loraplus_lr_ratio, use_rslora=use_rslora,
                       keep_initial_factors=keep_initial_factors)
@@ -384,11 +391,20 @@ class LoRAAdam(torch.optim.Optimizer):
         return group["precision"] if group["precision"] is not None else default_precision(p.dtype)
 
     @staticmethod
-    def _scale(group: Mapping[str, Any]) -> float:
+    def _scale(group: Mapping[str, Any], p: Tensor) -> float:
+        """``s`` of the low-rank parameter ``p`` in ``group``: ``alpha / rank`` (``/ √rank`` with
+        ``use_rslora``), times ``c_P`` of its matrix shape with ``update_scale="matched"``
+        (:mod:`lora_optim.update_scale`; global shape, effective rank ``min(rank, out, in)``)."""
         alpha = group["alpha"] if group["alpha"] is not None else group["rank"]
         if group.get("use_rslora", False):
-            return float(alpha) / math.sqrt(group["rank"])
-        return float(alpha) / group["rank"]
+            scale = float(alpha) / math.sqrt(group["rank"])
+        else:
+            scale = float(alpha) / group["rank"]
+        if group.get("update_scale", "plain") == "matched":
+            out_features, in_features = matrix_shape(tuple(p.shape))
+            rank = min(group["rank"], out_features, in_features)
+            scale *= update_multiplier(get_projection(group["projection"]), out_features, in_features, rank)
+        return scale
 
     @staticmethod
     def _hyper(group: Mapping[str, Any]) -> engine.AdamHyper:
@@ -537,11 +553,12 @@ class LoRAAdam(torch.optim.Optimizer):
                     rows = slice(shard.row_offset, shard.row_offset + shard.local_rows)
                     sums = (sums[0][rows], sums[1])
                 factors = view[MOMENT_KEYS["A"][0]]
-                key = (group_index, factors.device, factors.dtype)
+                scale = self._scale(group, p)  # per matrix with update_scale="matched": one batch per scale
+                key = (group_index, factors.device, factors.dtype, scale)
                 batch = lowrank.get(key)
                 if batch is None:
                     batch = lowrank[key] = engine.LowRankBatch(
-                        projection, group, self._scale(group), hyper, max_grad_norm=group["max_grad_norm"],
+                        projection, group, scale, hyper, max_grad_norm=group["max_grad_norm"],
                         lr_ratio_A=group["loraplus_lr_ratio"])
                 batch.items.append(engine.LowRankItem(
                     param=local(p), state=view, name=name, policy=group["nonfinite"],
@@ -682,7 +699,7 @@ class LoRAAdam(torch.optim.Optimizer):
                               change: FactorChange) -> None:
         """Write ``s·(Δ(A', B') − Δ(A, B))`` of ``change`` into ``W`` as a step does: masked in a
         ``preserve_sparsity`` group, recorded in the drift probes, through the group's write mode."""
-        scale = self._scale(group)
+        scale = self._scale(group, p)
         mask = sparsity_mask(state, group)
         if DRIFT_CHANGE in state:
             record_drift_step_(state, projection, change, scale, mask)
@@ -755,7 +772,7 @@ class LoRAAdam(torch.optim.Optimizer):
         if group["projection"] != "lora":
             raise ValueError(f"merge_factors: {self._name(p)} is trained with projection {group['projection']!r}; "
                              "an adapter's factors (W = W_base + s·A·B) continue as projection='lora'")
-        current = learnt_change_of(projection, state, group, self._scale(group))
+        current = learnt_change_of(projection, state, group, self._scale(group, p))
         if current.factors is None:
             raise ValueError(f"merge_factors: the change of {self._name(p)} since its base is unknown, so W cannot be "
                              f"set to W_base + s·A·B: {current.unknown}")
@@ -775,13 +792,14 @@ class LoRAAdam(torch.optim.Optimizer):
         self._write_factor_change_(p, group, state, projection, change)
 
     def factor_scale(self, p: Tensor) -> float:
-        """The scale ``s`` of the low-rank parameter ``p``'s group: ``alpha / rank``, or
-        ``alpha / √rank`` with ``use_rslora`` (``rank`` as configured, even where a small matrix
-        clips it). ``ValueError`` for a densely trained parameter."""
+        """The scale ``s`` of the low-rank parameter ``p``: ``alpha / rank``, or ``alpha / √rank``
+        with ``use_rslora`` (``rank`` as configured, even where a small matrix clips it), times
+        ``c_P`` of ``p``'s shape in a group with ``update_scale="matched"``
+        (:mod:`lora_optim.update_scale`). ``ValueError`` for a densely trained parameter."""
         group = self._group_of(p)
         if not self._trains_low_rank(p, group):
             raise ValueError(f"factor_scale: {self._name(p)} is trained by plain AdamW; it has no factors")
-        return self._scale(group)
+        return self._scale(group, p)
 
     def learnt_change(self, p: Tensor) -> LearntChange:
         """``W − W_base`` of the low-rank parameter ``p``: ``(s·L·R) ⊙ M`` with its factors, mask and
@@ -790,7 +808,7 @@ class LoRAAdam(torch.optim.Optimizer):
         Creates the state if ``p`` has not been stepped. ``ValueError`` for densely trained
         parameters."""
         group, state, projection = self._low_rank_target(p, "learnt_change")
-        return learnt_change_of(projection, state, group, self._scale(group))
+        return learnt_change_of(projection, state, group, self._scale(group, p))
 
     def initial_factors(self, p: Tensor) -> tuple[Tensor, Tensor] | None:
         """Copies of factors ``(A₀, B₀)`` whose change equals the base's (:mod:`lora_optim.initial_factors`):

@@ -418,6 +418,14 @@ class AdditiveProjection(Projection):
         the cross term is left out."""
         return in_features / rank, 0.0, out_features / rank, 0.0
 
+    def first_step_norm_sq(self, out_features: int, in_features: int, rank: int) -> float:
+        """``2·out·in``: both factors start at zero and both move by ``±η`` per entry; each entry of
+        ``A`` is spread over its class of columns, so ``‖dA·P‖_F² = Σ_ik dA_ik²·|{j: c(j) = k}|
+        = η²·out·in`` exactly (any ``r``, any map), likewise ``‖Q·dB‖_F² = η²·in·out``: every entry of
+        ``W`` moves by ``s·(±η ± η)``. The cross term ``2⟨dA·P, Q·dB⟩`` has mean zero for independent
+        signs (relative ``≈ (2/π)·r/√(out·in)`` for a ``G`` with i.i.d. entries)."""
+        return 2.0 * out_features * in_features
+
     def record_base_(self, state: FactorState, group) -> None:
         """Record the stored factors as the base's (zero if both are all zeros; one host read)."""
         A, B = state[FACTOR_A], state[FACTOR_B]

@@ -220,6 +220,22 @@ class Projection(abc.ABC):
         """
         return 0.0, 1.0 / rank, 0.0, 1.0 / rank
 
+    def first_step_norm_sq(self, out_features: int, in_features: int, rank: int) -> float | None:
+        r"""The expected ``‖ΔW₁‖_F² / (s·η)²`` of the first step from this projection's default
+        init (``η`` the learning rate, ``rank`` the effective rank), for a gradient ``G`` in general
+        position: what ``update_scale="matched"`` equalises across projections
+        (:mod:`lora_optim.update_scale`).
+
+        Adam's first step moves every entry of a trained factor whose gradient is non-zero by
+        exactly ``η`` (``m̂/√v̂ = g/|g|``, up to ``ε``). For the product form ``ΔW = s·A·B`` the
+        first change is ``s·(dA·B₀ + A₀·dB)`` (plus ``s·dA·dB``, of relative size ``η²r``), and
+        for independent signs ``E‖dA·B₀‖_F² = η²·out·‖B₀‖_F²`` and ``E‖A₀·dB‖_F² = η²·in·‖A₀‖_F²``.
+
+        ``None`` (the default): not derived; ``update_scale="matched"`` then refuses the projection
+        with a ``ValueError``. A pure function of the shapes; called when a step's scale is formed.
+        """
+        return None
+
     def set_factors_(self, state: FactorState, A: Tensor, B: Tensor, group: Mapping[str, Any]) -> None:
         """Replace the stored factors by copies of ``A`` and ``B`` (shapes and dtype already made
         to match). Variants that store no factors raise ``ValueError`` saying why."""
