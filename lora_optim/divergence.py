@@ -36,8 +36,10 @@ and a compiled training loop calls :meth:`LoRAAdam.check_step_sizes
 ``LoRAAdam.step_size_report()`` and the drift report (``DriftReport.largest_step``) show the
 values whatever the threshold.
 
-The default threshold, ``0.01``, is set from measured training (``benchmarks/projection_study.py``,
-``docs/choosing.md``): see :data:`DEFAULT_DIVERGENCE_THRESHOLD`.
+The default threshold, ``0.01`` (:data:`DEFAULT_DIVERGENCE_THRESHOLD`), is a bound chosen from the
+size of a step, not yet from a measured distribution: a fine-tuning step that moves a weight by 1%
+of its norm moves it by its whole norm within a hundred steps. The distributions of ``ρ`` over
+healthy and collapsing runs are to come from ``benchmarks/projection_study.py`` (issue 19).
 """
 
 from __future__ import annotations
@@ -64,9 +66,8 @@ __all__ = [
     "is_check_step",
 ]
 
-#: The default ``divergence_threshold``: a step that moves a weight by more than 1% of its norm.
-#: Measured on the eight-class MiniLM task (200 steps, every projection, lr from 1/8 to 2× the
-#: best): healthy runs stay below 0.005; see ``docs/choosing.md`` for the distributions.
+#: The default ``divergence_threshold``: a step that moves a weight by more than 1% of its norm
+#: (a bound from the size of a step; the measured distributions are pending, see the module docstring).
 DEFAULT_DIVERGENCE_THRESHOLD = 0.01
 
 #: Host reads of the largest values come after these steps (then every 512 steps).
@@ -169,7 +170,7 @@ def check_step_sizes(entries: Iterable[tuple[str, dict[str, Any], float]], warne
                     warned.add(name)
                     warnings.warn(
                         f"LoRAAdam: a step moved {name} by {value:.3g} of its norm (s·‖ΔW‖/‖W₀‖), above the "
-                        f"divergence_threshold {threshold:g}; healthy fine-tuning stays below 0.005. The learning rate "
+                        f"divergence_threshold {threshold:g}. The learning rate "
                         "(or alpha) is likely too large for this projection, and the run may collapse to chance "
                         "without a NaN. See opt.step_size_report() and docs/choosing.md.",
                         DivergenceWarning, stacklevel=3,
