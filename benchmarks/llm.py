@@ -311,6 +311,9 @@ def main() -> None:
                         help="RSS processes per method and setting (default 3; quick 1)")
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {list(METHODS)}")
     parser.add_argument("--threads", type=int, default=None, help="torch threads in every process")
+    parser.add_argument("--memory-from", default=None, metavar="JSON",
+                        help="take the memory runs from an earlier run's llm.json (same methods and shape) and "
+                             "measure only the speed; the file's header then gives both runs' machine and load")
     parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -341,8 +344,18 @@ def main() -> None:
     before = machine_info()
     memory_runs: list[dict] = []
     speed_runs: list[dict] = []
+    memory_machine = None
+    if args.memory_from:
+        earlier = json.loads(Path(args.memory_from).read_text())
+        memory_runs = earlier["memory"]
+        memory_machine = earlier["machine"]
+        missing = sorted(set(methods) - {run["method"] for run in memory_runs})
+        if missing:
+            parser.error(f"{args.memory_from} has no memory runs of {missing}")
+        repeats = sum(1 for run in memory_runs
+                      if run["method"] == methods[0] and not run["checkpointing"] and run["measure"] == "rss")
     for checkpointing in ("0", "1"):
-        for repeat in range(repeats):
+        for repeat in range(0 if args.memory_from else repeats):
             shift = repeat % len(methods)
             for method in methods[shift:] + methods[:shift]:
                 for measure in ("rss", "tensors") if repeat == 0 and not args.quick else ("rss",):
@@ -370,6 +383,11 @@ def main() -> None:
         f"{rounds} rotated rounds after a warm-up; ÷ PEFT is the median over rounds of the paired ratio.",
         "",
     ]
+    if memory_machine is not None:
+        lines[-1:-1] = ["", f"The memory runs come from an earlier run (`--memory-from`; RSS and tensor sizes do not "
+                        f"depend on the machine's load): load average {tuple(memory_machine[0]['load_avg'])} at "
+                        f"its start, {tuple(memory_machine[1]['load_avg'])} at its end; the speed runs and the "
+                        "load above are this run's."]
     summary: dict = {}
     for checkpointing in (False, True):
         memory_rows, memory_summary = _memory_table(memory_runs, methods, checkpointing)

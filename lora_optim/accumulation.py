@@ -17,12 +17,18 @@ The sums live in the optimizer state (:data:`~lora_optim.state_keys.ACCUMULATOR_
 tensors and an int), so a ``state_dict()`` taken between micro-batches resumes exactly. They
 play the part of ``p.grad``, with one status int:
 
-* no keys: no gradient (``p.grad is None``);
+* no keys: no gradient yet (``p.grad is None``);
 * :data:`OPEN`: sums of this step's pieces (``p.grad`` holds a gradient, possibly zero after
   ``zero_grad(set_to_none=False)``); ``step()`` steps the parameter with them;
-* :data:`CONSUMED`: ``step()`` used the sums. The next piece starts new sums, as if
-  ``p.grad`` had been zeroed (the optimizer cannot see ``model.zero_grad()``); a ``step()``
-  before any new piece leaves the parameter alone.
+* :data:`CONSUMED`: ``step()`` used the sums. The next piece
+  starts new sums, as if ``p.grad`` had been zeroed (the optimizer cannot see
+  ``model.zero_grad()``); a ``step()`` before any new piece leaves the parameter alone.
+
+A compiled step (``torch.compile``) keeps the two sum tensors after using them (``keep=True``),
+and the next step's first piece is copied into them: the compiled step then sees the same state
+tensors at every call and recompiles for none (``torch.compile`` guards on the identity of an
+optimizer's state tensors), at the cost of ``r·(out+in)`` numbers per matrix kept between
+steps. An eager step frees them.
 
 This module holds the functions on one parameter's state; the optimizer calls them.
 """
@@ -46,14 +52,24 @@ CONSUMED = 2
 
 def add_piece_(state: dict[str, Any], grad_A: Tensor, grad_B: Tensor) -> None:
     """Add one piece's factor gradients (at ``s = 1``, factor dtype) to the sums; the first piece
-    of a step becomes the sums (kept, not copied, unless it is not contiguous)."""
+    of a step is copied into the sum tensors of earlier steps, or becomes them (kept, not copied,
+    unless it is not contiguous)."""
     if state.get(ACCUMULATION) == OPEN:
         state[ACCUMULATED_GRAD_A].add_(grad_A)
         state[ACCUMULATED_GRAD_B].add_(grad_B)
         return
-    state[ACCUMULATED_GRAD_A] = grad_A.contiguous()
-    state[ACCUMULATED_GRAD_B] = grad_B.contiguous()
+    for key, piece in ((ACCUMULATED_GRAD_A, grad_A), (ACCUMULATED_GRAD_B, grad_B)):
+        buffer = state.get(key)
+        if _reusable(buffer, piece):
+            buffer.copy_(piece)
+        else:
+            state[key] = piece.contiguous()
     state[ACCUMULATION] = OPEN
+
+
+def _reusable(buffer: Any, piece: Tensor) -> bool:
+    return (isinstance(buffer, Tensor) and buffer.shape == piece.shape and buffer.dtype == piece.dtype
+            and buffer.device == piece.device and buffer.is_contiguous())
 
 
 def open_sums(state: dict[str, Any]) -> tuple[Tensor, Tensor] | None:
@@ -63,10 +79,12 @@ def open_sums(state: dict[str, Any]) -> tuple[Tensor, Tensor] | None:
     return state[ACCUMULATED_GRAD_A], state[ACCUMULATED_GRAD_B]
 
 
-def consume_(state: dict[str, Any]) -> None:
-    """Mark the sums used by a step (or a skipped step) and free them."""
-    state.pop(ACCUMULATED_GRAD_A, None)
-    state.pop(ACCUMULATED_GRAD_B, None)
+def consume_(state: dict[str, Any], keep: bool = False) -> None:
+    """Mark the sums used by a step (or a skipped step) and free them, or with ``keep`` keep the
+    tensors for the next step's sums (a compiled step: see the module docstring)."""
+    if not keep:
+        state.pop(ACCUMULATED_GRAD_A, None)
+        state.pop(ACCUMULATED_GRAD_B, None)
     state[ACCUMULATION] = CONSUMED
 
 
@@ -75,17 +93,19 @@ def zero_(state: dict[str, Any]) -> None:
     next ``step()`` steps it (moments decay, weight decay applies), as in the plain mode."""
     if ACCUMULATION not in state:
         return
-    sums = open_sums(state)
-    if sums is not None:
-        sums[0].zero_()
-        sums[1].zero_()
-        return
-    state[ACCUMULATED_GRAD_A] = torch.zeros_like(state[EXP_AVG_A])
-    state[ACCUMULATED_GRAD_B] = torch.zeros_like(state[EXP_AVG_B])
+    for key, moment in ((ACCUMULATED_GRAD_A, EXP_AVG_A), (ACCUMULATED_GRAD_B, EXP_AVG_B)):
+        buffer = state.get(key)
+        if _reusable(buffer, state[moment]):
+            buffer.zero_()
+        else:
+            state[key] = torch.zeros_like(state[moment])
     state[ACCUMULATION] = OPEN
 
 
 def clear_(state: dict[str, Any]) -> None:
-    """``zero_grad(set_to_none=True)``: forget the sums and that there were any."""
+    """``zero_grad(set_to_none=True)``: forget the sums and that there were any; tensors a compiled
+    step kept (status :data:`CONSUMED`) stay for the next step."""
+    if state.get(ACCUMULATION) == CONSUMED and ACCUMULATED_GRAD_A in state:
+        return
     for key in (ACCUMULATED_GRAD_A, ACCUMULATED_GRAD_B, ACCUMULATION):
         state.pop(key, None)

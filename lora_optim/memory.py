@@ -32,7 +32,8 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
     objects in their state. For :class:`~lora_optim.LoRAAdam` with ``lora`` or ``additive``
     on an ``out×in`` matrix it is ``3·r·(out+in)`` elements of the factor dtype (factors plus
     two moments each); ``random`` with ``resample_every=1`` keeps only the moments,
-    ``2·r·(out+in)``.
+    ``2·r·(out+in)``; plus a few bytes of 0-dim counters (the step count, the skip count, and
+    ``random``'s and stochastic rounding's draw counters).
     """
     seen: set[int] = set()
     return sum(_tensor_bytes(state, seen) for state in optimizer.state.values())

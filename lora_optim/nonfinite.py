@@ -6,22 +6,37 @@ write. The per-group option ``nonfinite`` decides what to do:
 
 ``"skip"`` (default)
     The parameter with the bad gradient is not stepped this time: ``W``, factors, moments,
-    step counts and random draws stay exactly as they were (other parameters step normally).
-    A :class:`NonFiniteGradientWarning` is issued and the parameter's ``nonfinite_skips``
-    counter (an int in the optimizer state, so it checkpoints) goes up by one.
+    step counts, random draws and rounding draws stay exactly as they were (other parameters
+    step normally), and the parameter's ``nonfinite_skips`` counter (a 0-dim int64 tensor in the
+    optimizer state, so it checkpoints) goes up by one. The decision is taken **on the device**:
+    no host read, so the step can be compiled whole and captured in a CUDA graph
+    (:mod:`lora_optim.engine`). A :class:`NonFiniteGradientWarning` names every skipped
+    parameter when the counts are next read on the host: at once after a step on the CPU
+    (reading there costs nothing), and on an accelerator or in a compiled step at the next
+    ``nonfinite_skips()``, ``state_dict()`` or step that reads the host anyway (``"raise"``
+    groups, an ``svd`` refresh, a gradient init).
 ``"raise"``
     :meth:`LoRAAdam.step` raises :class:`NonFiniteGradientError` before changing anything at
-    all (no parameter of any group is stepped).
+    all (no parameter of any group is stepped). It reads the flags on the host: the one mode
+    with a host sync in every step (a compiled step breaks its graph there).
 
-What is checked, for every parameter that has a gradient this step: ``G`` itself (not only the
-projected gradients: that a NaN in ``G`` reaches ``s·G·Bᵀ`` holds only for IEEE products with
-no zero-skipping, which depends on the BLAS and on the projection), the factor gradients, and
-the factors' Adam moments (a state that overflowed earlier must not reach ``W``). Each list of
-tensors of one device and dtype costs one fused reduction, ``torch._foreach_norm(·, 2)`` (NaN and
-``±Inf`` propagate), and all answers of a device are read back together by
-:class:`FiniteCheck`: one host sync per device per step, whatever the number of parameters. A
-2-norm overflows on finite entries above ~1e19 (fp32); the tensors it flags are then checked
-exactly (``torch.aminmax``: no sum, no overflow) in a second read, so there are no false alarms.
+What is checked, for every parameter that has a gradient this step: the factor gradients, the
+factors and their Adam moments (a state that overflowed earlier must not reach ``W``), and ``G``
+itself only where a step reads ``G`` other than through the projection (an ``svd`` refresh, the
+first step of ``init="gradient"``: an SVD of ``G``), or where the projection does not declare
+that every NaN/Inf of ``G`` reaches its factor gradients
+(:attr:`Projection.grad_nonfinite_propagates
+<lora_optim.projections.Projection.grad_nonfinite_propagates>`). Every built-in projection
+declares it: each entry of ``G`` enters the factor gradients through a product with a factor
+entry or a plain sum, and IEEE arithmetic keeps a NaN or Inf there (``0·NaN`` and ``0·Inf`` are
+NaN, ``Inf + (−Inf)`` is NaN), so a zero factor cannot hide one (``tests/test_nonfinite.py``
+puts a NaN and an Inf at every position of ``G``). That saves the one extra read of ``G`` a step
+used to make (a third of the CPU step at 4096²).
+
+The check is :func:`finite_table`: one fused reduction per list, ``torch._foreach_norm(·, 2)``
+accumulated in float64 (NaN and ``±Inf`` propagate; finite fp32/bf16/fp16 values cannot
+overflow a float64 sum of squares), and one stack, on the device. :class:`FiniteCheck` is the
+host-side answer (one read per device) for ``"raise"`` groups and for tools.
 """
 
 from __future__ import annotations
@@ -38,6 +53,7 @@ from lora_optim.kernels.paths import cpu_paths
 
 __all__ = [
     "NONFINITE_POLICIES",
+    "finite_table",
     "NonFiniteGradientWarning",
     "NonFiniteGradientError",
     "FiniteCheck",
@@ -182,6 +198,34 @@ class FiniteCheck:
                 if not ok:
                     result[self._entries[index][0]] = False
         return result
+
+
+def finite_table(rows: Sequence[Sequence[Tensor | None]], width: int, device: torch.device | str) -> Tensor:
+    """Bool ``(len(rows), width)`` tensor on ``device``: entry ``[i, j]`` is whether ``rows[i][j]`` has
+    only finite entries (``None`` and missing entries: true), computed on the device with no host
+    read. Every tensor must be on ``device``; each row holds at most ``width`` tensors.
+
+    One ``torch._foreach_norm(·, 2, dtype=float64)`` over every tensor (NaN and ``±Inf``
+    propagate into the norm; a finite fp32, bf16 or fp16 tensor cannot overflow it; float64
+    entries above ~1e154 would, and are then reported as not finite) and one ``stack``.
+    """
+    tensors: list[Tensor] = []
+    slots: list[int] = []  # where each row entry's norm sits in `norms`, -1: finite by definition
+    for row in rows:
+        if len(row) > width:
+            raise ValueError(f"finite_table: a row has {len(row)} tensors, more than width={width}")
+        for tensor in row:
+            if tensor is None:
+                slots.append(-1)
+            else:
+                slots.append(len(tensors))
+                tensors.append(tensor)
+        slots.extend([-1] * (width - len(row)))
+    if not rows:
+        return torch.ones(0, width, dtype=torch.bool, device=device)
+    zero = torch.zeros((), dtype=torch.float64, device=device)
+    norms = torch._foreach_norm(tensors, 2.0, dtype=torch.float64) if tensors else []
+    return torch.stack([zero if slot < 0 else norms[slot] for slot in slots]).view(len(rows), width).isfinite()
 
 
 def finite_flags(tensors: Sequence[Tensor]) -> list[bool]:

@@ -27,15 +27,18 @@ from lora_optim import accumulation, engine, initial_factors
 from lora_optim.checkpoint import check_loadable
 from lora_optim.divergence import (
     DEFAULT_DIVERGENCE_THRESHOLD,
+    PendingStepSizes,
     StepSizeReport,
     check_step_sizes,
     init_step_size_state,
     is_check_step,
+    start_step_size_read,
     step_size_report,
 )
 from lora_optim.distributed import LocalState, WholeState, all_reduce_sum_, is_dtensor, local, row_shard, shard_rows_
 from lora_optim.drift import DriftReport, init_drift_state, measure_drift, record_drift_step_
 from lora_optim.grad_mode import GradMode
+from lora_optim.kernels.paths import cpu_paths
 from lora_optim.learnt_change import LearntChange, learnt_change_of
 from lora_optim.matrix import as_matrix, matrix_shape, writable_matrix
 from lora_optim.nonfinite import warn_skipped
@@ -93,10 +96,12 @@ class LoRAAdam(torch.optim.Optimizer):
     ``rank=None``, get plain AdamW with the group's settings (bit for bit
     ``torch.optim.AdamW(fused=True)``: the same kernel).
 
-    A step runs as lists (:mod:`lora_optim.engine`): one fused Adam call for all factors of a
-    group and device, a few ops per matrix, and one host sync for the NaN/Inf check of the whole
-    step. ``torch.amp.GradScaler`` drives it through its optimizer contract
-    (``_step_supports_amp_scaling``): the scale is divided out inside the fused Adam call, and
+    A step runs as lists (:mod:`lora_optim.engine`): a few ops per matrix, one fused Adam call
+    per parameter, and the NaN/Inf decisions on the device (no host sync with the default
+    ``nonfinite="skip"``), so ``torch.compile(opt.step)`` compiles it whole and a CUDA graph can
+    capture it; pass ``lr`` as a tensor to change it (a scheduler) without recompiling.
+    ``torch.amp.GradScaler`` drives it through its optimizer contract
+    (``_step_supports_amp_scaling``): the scale is divided out inside the fused Adam calls, and
     a step the scaler finds an Inf in changes nothing.
 
     Args:
@@ -123,15 +128,19 @@ class LoRAAdam(torch.optim.Optimizer):
             dtype: +100% of the weight's memory); see :mod:`lora_optim.precision`. ``None`` picks
             ``"stochastic"`` for bf16/fp16 weights, ``"nearest"`` otherwise.
         nonfinite: what a NaN/Inf gradient does (:mod:`lora_optim.nonfinite`): ``"skip"`` that
-            parameter's step, warn and count it (``nonfinite_skips()``), or ``"raise"`` before
-            anything changes.
+            parameter's step, decided on the device, and count it (``nonfinite_skips()``) and warn
+            (at once on the CPU; on an accelerator when the counts are next read), or ``"raise"``
+            before anything changes (the one mode that reads the host in every step).
         drift_probes: number of random probe vectors of the drift check (:mod:`lora_optim.drift`,
             :meth:`drift`); ``0`` (default) turns it off at no cost.
         divergence_threshold: the divergence guard (:mod:`lora_optim.divergence`): a
             :class:`~lora_optim.divergence.DivergenceWarning` when a step moves a low-rank weight
-            by more than this share of its norm, ``s·‖ΔW‖/‖W₀‖`` (checked on the host after steps
-            1, 2, 4, …, 512, then every 512; no host sync in the other steps); ``None`` turns it
-            off (no state, no work). Default ``0.01``, about twice what healthy runs reach.
+            by more than this share of its norm, ``s·‖ΔW‖/‖W₀‖`` (measured on the device, a
+            skipped step records nothing; checked after steps 1, 2, 4, …, 512, then every 512,
+            with no host sync in any step: on the CPU from memory, on CUDA by a copy to the host
+            that does not block, warned at a later step once it has landed; a compiled loop
+            calls :meth:`check_step_sizes`, the one blocking read); ``None`` turns it off (no
+            state, no work). Default ``0.01``, a bound from the size of a step.
         update_scale: ``"plain"`` (default: ``s`` as above) or ``"matched"``: ``s`` of each low-rank
             matrix times ``c_P = √(n_lora/n_P)``, so that the expected ``‖ΔW‖_F`` of the first
             step is ``lora``'s for every projection at the same ``lr`` (:mod:`lora_optim.update_scale`:
@@ -212,8 +221,14 @@ class LoRAAdam(torch.optim.Optimizer):
         projection_options = {name: declared[name][0].validate(value) for name, value in projection_options.items()}
         self._grad_modes: OrderedDict[int, GradMode] = OrderedDict()  # weak-referenceable, for the handles
         self._index: dict[int, tuple[int, int, int]] = {}
-        self._steps_called = 0  # host count of step() calls: when the divergence guard reads its values
+        self._steps_called = 0  # host count of eager step() calls: when the divergence guard reads its values
         self._divergence_warned: set[str] = set()
+        self._step_sizes_pending: PendingStepSizes | None = None  # a guard read on its way to the host
+        # Skip counts already reported by a warning, by id of the count tensor (a cache of what the
+        # host has read: not state).
+        self._skips_seen: dict[int, int] = {}
+        # Whether init_state() made the state of every parameter (step() then makes none).
+        self._state_made = False
         super().__init__(params, {**all_option_defaults(), **common, **projection_options})
         used = {option.name for group in self.param_groups for option in get_projection(group["projection"]).options}
         unused = sorted(set(projection_options) - used)
@@ -268,6 +283,7 @@ class LoRAAdam(torch.optim.Optimizer):
                         f"group (already in group {index})"
                     )
         param_group["params"] = params
+        self.__dict__["_state_made"] = False  # the new parameters have none yet
         super().add_param_group(param_group)
         try:
             validate_group(self.param_groups[-1], explicit)
@@ -282,6 +298,9 @@ class LoRAAdam(torch.optim.Optimizer):
         self.__dict__.setdefault("_index", {})
         self.__dict__.setdefault("_steps_called", 0)
         self.__dict__.setdefault("_divergence_warned", set())
+        self.__dict__.setdefault("_step_sizes_pending", None)
+        self.__dict__.setdefault("_skips_seen", {})
+        self.__dict__.setdefault("_state_made", False)
         # Back-fill options added after a checkpoint was written.
         for group in self.param_groups:
             for name, option in COMMON_OPTIONS.items():
@@ -338,7 +357,8 @@ class LoRAAdam(torch.optim.Optimizer):
         if state:
             return state
         with torch.inference_mode(False), torch.no_grad():
-            fresh: dict[str, Any] = {STEP: torch.zeros((), dtype=torch.float32, device=p.device), NONFINITE_SKIPS: 0}
+            fresh: dict[str, Any] = {STEP: torch.zeros((), dtype=torch.float32, device=p.device),
+                                     NONFINITE_SKIPS: torch.zeros((), dtype=torch.int64, device=p.device)}
             if not self._trains_low_rank(p, group):
                 fresh[EXP_AVG] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 fresh[EXP_AVG_SQ] = torch.zeros_like(p, memory_format=torch.preserve_format)
@@ -511,17 +531,15 @@ class LoRAAdam(torch.optim.Optimizer):
     def _gather(self) -> tuple[list[engine.DenseBatch], list[engine.LowRankBatch], list[dict[str, Any]]]:
         """This step's batches, and the states whose projected sums it uses. Raises ``TypeError``
         for a sparse gradient before creating any state."""
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None and p.grad.layout != torch.strided:
-                    raise TypeError(f"Invalid gradient: LoRAAdam does not support sparse gradients; {self._name(p)} "
-                                    f"has a gradient with layout {p.grad.layout}")
+        self._refuse_sparse_grads()
         dense: dict[tuple, engine.DenseBatch] = {}
         lowrank: dict[tuple, engine.LowRankBatch] = {}
         consumed: list[dict[str, Any]] = []
+        index = -1
         for group_index, group in enumerate(self.param_groups):
             hyper = self._hyper(group)
             for p in group["params"]:
+                index += 1
                 existing = self.state.get(p)
                 sums = accumulation.open_sums(existing) if existing else None
                 if p.grad is None and sums is None:
@@ -530,7 +548,7 @@ class LoRAAdam(torch.optim.Optimizer):
                     raise ValueError(f"{self._name(p)} is a DTensor (FSDP2): max_grad_norm is not available on sharded "
                                      "parameters yet (the norm would need a sum over the shards); nothing was changed")
                 state = self._state(p, group)
-                name = self._name(p)
+                name = f"parameter {index} (group {group_index}, shape {tuple(p.shape)})"
                 if not self._trains_low_rank(p, group):
                     param, grad = local(p), local(p.grad)
                     batch = dense.setdefault((group_index, param.device, param.dtype), engine.DenseBatch(
@@ -570,12 +588,48 @@ class LoRAAdam(torch.optim.Optimizer):
                 ))
         return list(dense.values()), list(lowrank.values()), consumed
 
+    def _refuse_sparse_grads(self) -> None:
+        """``TypeError`` for a sparse gradient, before any state is made."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None and p.grad.layout != torch.strided:
+                    raise TypeError(f"Invalid gradient: LoRAAdam does not support sparse gradients; {self._name(p)} "
+                                    f"has a gradient with layout {p.grad.layout}")
+
+    @torch.no_grad()
+    def init_state(self) -> None:
+        """Make now the state every parameter would get at its first step (the factors, moments,
+        counters; a pending gradient init stays pending). ``step()`` makes it lazily, as
+        ``torch.optim`` does; make it here first to compile a whole training step (forward,
+        backward and ``step()``) with ``fullgraph=True``, whose first call cannot make state
+        without a graph break. Parameters that never get a gradient then hold state too."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                self._state(p, group)
+        self._state_made = True
+
+    def _init_group(self, group: dict[str, Any]) -> None:
+        """Make the state of every parameter of ``group`` that has a gradient (``p.grad`` or
+        projected sums) and none yet. Run before the step's math, as ``torch.optim``'s optimizers
+        do, so that a ``torch.compile``d step runs it outside its graph (Dynamo calls
+        ``_init_group`` of an optimizer eagerly) and traces a step over existing state."""
+        for p in group["params"]:
+            existing = self.state.get(p)
+            if existing:
+                continue
+            if p.grad is not None:
+                self._state(p, group)
+
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
         """One optimizer step of every parameter with a gradient (``p.grad``, or the projected sums of
         the per-layer and activation-side modes); see :mod:`lora_optim.engine`.
 
-        Returns the closure's loss, if a closure is given (it runs with gradients enabled).
+        The NaN/Inf decisions stay on the device: no host sync, unless a group has
+        ``nonfinite="raise"`` or a projection decides this step on the host (an ``svd`` refresh,
+        the first step of ``init="gradient"``). So the step compiles whole (``torch.compile``,
+        ``fullgraph=True``) and can be captured in a CUDA graph. Returns the closure's loss, if a
+        closure is given (it runs with gradients enabled).
         """
         loss = None
         if closure is not None:
@@ -586,22 +640,92 @@ class LoRAAdam(torch.optim.Optimizer):
         # Set by torch.amp.GradScaler.step() for optimizers with _step_supports_amp_scaling.
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
+        self._refuse_sparse_grads()
+        if not self._state_made:  # init_state() made all of it: nothing to do (and nothing to trace)
+            for group in self.param_groups:
+                self._init_group(group)
         dense, lowrank, consumed = self._gather()
         if consumed and (hasattr(self, "found_inf") or hasattr(self, "grad_scale")):
             self._check_scaler_sees_something(grad_scale, found_inf, dense)
         report = engine.step_(dense, lowrank, grad_scale=grad_scale,
                               found_inf=found_inf if isinstance(found_inf, Tensor) else None)
-        for state in consumed:
-            accumulation.consume_(state)
-        for name, state, cause in report.skipped:
-            state[NONFINITE_SKIPS] = state.get(NONFINITE_SKIPS, 0) + 1
+        for state in consumed:  # a compiled step keeps the sum tensors: the same ones at every call
+            accumulation.consume_(state, keep=torch.compiler.is_compiling())
+        self._warn_skips(report)
+        self._guard_after_step()
+        return loss
+
+    def _warn_skips(self, report: engine.StepReport) -> None:
+        """Warn about the parameters this step skipped for a NaN/Inf of their own, where that costs
+        no sync: when the step read its flags on the host, or when every skip record lives on the
+        CPU (a memory read). Elsewhere (an accelerator, a compiled step) the device counts are read
+        later (:meth:`_report_skips`)."""
+        if torch.compiler.is_compiling():
+            return
+        if not report.host_read:
+            if not report.records or not all(cpu_paths(r.counted.device) for r in report.records):
+                return
+            for record in report.records:
+                record.host = (bool(record.grad_ok), bool(record.state_ok), int(record.counted))
+        for name, state, cause in report.skipped():
+            counter = id(state[NONFINITE_SKIPS])
+            self._skips_seen[counter] = self._skips_seen.get(counter, 0) + 1
             # Same text every time for a parameter, so the default filter shows it once per
             # parameter; nonfinite_skips() counts them all.
             warn_skipped(f"LoRAAdam skipped a step of {name}: {cause} (count: opt.nonfinite_skips(p))")
+
+    def _guard_after_step(self) -> None:
+        """The divergence guard's host side after an eager step (:mod:`lora_optim.divergence`): warn
+        from a read of an earlier check step that has reached the host (no wait), and after steps
+        1, 2, 4, …, 512 and every 512th start a new read: a memory read where the values live on
+        the CPU, else a copy to the host that does not block (pinned memory and an event on CUDA).
+        No host sync in any step; nothing inside a compiled step or a CUDA graph capture (the
+        loop calls :meth:`check_step_sizes` itself)."""
+        if torch.compiler.is_compiling() or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
+            return
         self._steps_called += 1
-        if is_check_step(self._steps_called) and not torch.compiler.is_compiling():
-            self.check_step_sizes()  # the divergence guard's host read (lora_optim.divergence)
-        return loss
+        pending = self._step_sizes_pending
+        if pending is not None and pending.finish(self._divergence_warned):
+            self._step_sizes_pending = None
+        if is_check_step(self._steps_called):
+            entries = self._guard_entries()
+            if entries:
+                started = start_step_size_read(entries)
+                self._step_sizes_pending = started if not started.finish(self._divergence_warned) else None
+
+    def _report_skips(self) -> None:
+        """Read every skip count (one host read per device) and warn for each parameter skipped
+        since the counts were last read: how the skips of steps that read nothing on the host
+        (accelerators, compiled steps) are reported."""
+        entries = [(index, p, state) for index, (p, state) in enumerate(
+            (p, self.state[p]) for group in self.param_groups for p in group["params"] if p in self.state)
+            if isinstance(state.get(NONFINITE_SKIPS), Tensor)]
+        if not entries:
+            return
+        per_device: dict[torch.device, list[int]] = {}
+        for position, (_, _, state) in enumerate(entries):
+            per_device.setdefault(local(state[NONFINITE_SKIPS]).device, []).append(position)
+        counts: dict[int, int] = {}
+        for positions in per_device.values():
+            values = torch.stack([local(entries[i][2][NONFINITE_SKIPS]) for i in positions]).to("cpu", copy=True)
+            counts.update(zip(positions, values.tolist()))
+        for position, (_, p, state) in enumerate(entries):
+            count = counts[position]
+            seen = self._skips_seen.get(id(state[NONFINITE_SKIPS]), 0)
+            if count > seen:
+                warn_skipped(f"LoRAAdam skipped {count - seen} step(s) of {self._name(p)}: its gradient or optimizer "
+                             "state had NaN or Inf entries; the weight and its optimizer state were left unchanged "
+                             "(count: opt.nonfinite_skips(p))")
+            self._skips_seen[id(state[NONFINITE_SKIPS])] = count
+
+    def state_dict(self) -> dict[str, Any]:
+        """The optimizer's state dict (``torch.optim.Optimizer.state_dict``), after reporting the
+        skips no warning has named yet (one host read of the skip counts) and the divergence
+        guard's check still on its way to the host (:meth:`check_step_sizes`, if one is)."""
+        self._report_skips()
+        if self._step_sizes_pending is not None:
+            self.check_step_sizes()
+        return super().state_dict()
 
     @staticmethod
     def _check_scaler_sees_something(grad_scale: Tensor | None, found_inf: Any, dense: list) -> None:
@@ -894,21 +1018,31 @@ class LoRAAdam(torch.optim.Optimizer):
         return {index: step_size_report(self.state[p], group["divergence_threshold"])
                 for index, p, group in self._guarded()}
 
+    def _guard_entries(self) -> list[tuple[str, dict[str, Any], float]]:
+        return [(self._name(p), self.state[p], group["divergence_threshold"])
+                for _, p, group in self._guarded() if group["divergence_threshold"] is not None]
+
     def check_step_sizes(self) -> list[str]:
-        """Read the divergence guard's largest relative steps now (one host read per device) and warn
-        (:class:`~lora_optim.divergence.DivergenceWarning`, once per parameter) for those above their
-        group's ``divergence_threshold``; returns their names. ``step()`` calls it after steps 1, 2,
-        4, …, 512 and every 512 steps, except inside ``torch.compile``: a compiled training loop
-        calls it itself (outside the compiled function)."""
-        entries = [(self._name(p), self.state[p], group["divergence_threshold"])
-                   for _, p, group in self._guarded() if group["divergence_threshold"] is not None]
-        return check_step_sizes(entries, self._divergence_warned)
+        """Read the divergence guard's largest relative steps now (one host read per device: a sync
+        on an accelerator) and warn (:class:`~lora_optim.divergence.DivergenceWarning`, once per
+        parameter) for those above their group's ``divergence_threshold``; returns their names.
+
+        ``step()`` checks by itself without a sync (after steps 1, 2, 4, …, 512 and every 512th it
+        starts a copy to the host that does not block, and warns at a later step once the copy
+        has landed; on the CPU at once), except inside ``torch.compile`` or a CUDA graph: a
+        compiled training loop calls this itself, outside the compiled function."""
+        self._step_sizes_pending = None  # superseded by this read
+        return check_step_sizes(self._guard_entries(), self._divergence_warned)
 
     def nonfinite_skips(self, p: Tensor | None = None) -> int:
-        """Steps skipped because of a NaN/Inf gradient: for parameter ``p``, or in total. The counts
-        are ints in the optimizer state (``"nonfinite_skips"``), so they checkpoint."""
+        """Steps skipped because of a NaN/Inf gradient or state: for parameter ``p``, or in total.
+        The counts are 0-dim int64 tensors in the optimizer state (``"nonfinite_skips"``, advanced
+        on the device), so they checkpoint; reading them is a host read, which also issues the
+        warnings of skips not reported yet (:mod:`lora_optim.nonfinite`)."""
         if p is not None:
             self._locate(p)  # ValueError if p is not ours
+        self._report_skips()
+        if p is not None:
             return int(self.state[p].get(NONFINITE_SKIPS, 0)) if p in self.state else 0
         return sum(int(state.get(NONFINITE_SKIPS, 0)) for state in self.state.values())
 
@@ -930,6 +1064,7 @@ class LoRAAdam(torch.optim.Optimizer):
         Other options (``lr``, ``betas``, ...) come from the checkpoint, as in ``torch.optim``.
         """
         check_loadable(self.param_groups, state_dict, self._trains_low_rank)
+        self._state_made = False  # a parameter without state in the checkpoint has none now
         saved_state = state_dict["state"]
         saved_ids = [pid for group in state_dict["param_groups"] for pid in group["params"]]
         # Structural options were checked to agree (resolved for each weight); keep this
@@ -939,14 +1074,24 @@ class LoRAAdam(torch.optim.Optimizer):
         for group, options in zip(self.param_groups, structural):
             group.update(options)
         self._index.clear()
-        params = [p for group in self.param_groups for p in group["params"]]
-        for pid, p in zip(saved_ids, params):
+        params = [(p, group) for group in self.param_groups for p in group["params"]]
+        for pid, (p, group) in zip(saved_ids, params):
             if pid not in saved_state:
                 continue
             state = self.state[p]
             for key, value in saved_state[pid].items():
                 if isinstance(value, Tensor):
                     state[key] = value.to(device=p.device, copy=True)
+            # Counters a step advances on the device are 0-dim int64 tensors; older checkpoints hold ints.
+            counters = [NONFINITE_SKIPS]
+            if self._trains_low_rank(p, group):
+                counters += [*get_projection(group["projection"]).counter_keys,
+                             *get_writer(self._precision(p, group)).counter_keys]
+            for key in counters:
+                value = state.get(key, 0 if key == NONFINITE_SKIPS else None)
+                if value is not None and not isinstance(value, Tensor):
+                    state[key] = torch.tensor(int(value), dtype=torch.int64, device=local(p).device)
+            self._skips_seen[id(state[NONFINITE_SKIPS])] = int(state[NONFINITE_SKIPS])
             step = state.get(STEP)
             if step is not None and not isinstance(step, Tensor):
                 state[STEP] = torch.tensor(float(step), dtype=torch.float32, device=p.device)

@@ -2,11 +2,13 @@
 
 ``LoRAAdam.state[p]`` is a dict with string keys; every module that reads or writes it uses the
 names below, so a key is renamed or added in one place. Values are tensors or plain ints, so a
-state dict loads with ``torch.load(..., weights_only=True)``.
+state dict loads with ``torch.load(..., weights_only=True)``. Counters that a step advances
+(skips, ``random``'s draws, stochastic rounding's writes) are 0-dim int64 tensors on the
+parameter's device, so that the step advances them on the device, only where it is taken.
 
 Every parameter:
     :data:`STEP` (a 0-dim float32 tensor on the parameter's device, as ``torch.optim.AdamW``
-    keeps it: the fused Adam kernels read it) and :data:`NONFINITE_SKIPS` (an int).
+    keeps it: the fused Adam kernels read it) and :data:`NONFINITE_SKIPS` (a 0-dim int64 tensor).
 Dense parameters (``rank=None`` groups, vectors):
     :data:`EXP_AVG`, :data:`EXP_AVG_SQ` (the parameter's shape and dtype).
 Low-rank parameters:
@@ -68,7 +70,7 @@ __all__ = [
 
 #: Adam updates taken (0-dim float32 tensor on the parameter's device).
 STEP = "step"
-#: Steps skipped because of a NaN/Inf (int).
+#: Steps skipped because of a NaN/Inf (0-dim int64 tensor on the parameter's device).
 NONFINITE_SKIPS = "nonfinite_skips"
 
 #: Moments of a densely trained parameter.
@@ -83,7 +85,8 @@ EXP_AVG_A, EXP_AVG_SQ_A = "exp_avg_A", "exp_avg_sq_A"
 EXP_AVG_B, EXP_AVG_SQ_B = "exp_avg_B", "exp_avg_sq_B"
 MOMENT_KEYS = {"A": (EXP_AVG_A, EXP_AVG_SQ_A), "B": (EXP_AVG_B, EXP_AVG_SQ_B)}
 
-#: ``random``: draws made so far, and steps taken on the current draw (ints).
+#: ``random``: draws made so far, and steps taken on the current draw (0-dim int64 tensors);
+#: ``svd``: steps attempted on the current basis (an int).
 DRAWS, AGE = "draws", "age"
 
 # --- inits, svd projection and sparsity (issue 11) ---
@@ -97,7 +100,8 @@ SPARSITY_MASK = "sparsity_mask"
 
 #: ``compensated`` writes: the Kahan buffer (``W``'s shape and dtype).
 WEIGHT_COMPENSATION = "weight_compensation"
-#: ``stochastic`` writes: the rounding stream's int seed and the number of writes so far.
+#: ``stochastic`` writes: the rounding stream's int seed and the number of writes so far (a 0-dim
+#: int64 tensor).
 ROUNDING_SEED, ROUNDING_DRAWS = "rounding_seed", "rounding_draws"
 
 #: Drift probe (fp64): probes ``X`` (in×k), ``W₀X`` (out×k) and the summed exact change (out×k).

@@ -65,6 +65,7 @@ def _approximate_basis(matrix: Tensor, columns: int, niter: int, seed: int) -> T
     return basis
 
 
+@torch.compiler.disable(reason="a seeded generator and LAPACK: run eagerly, between two graphs of a compiled step")
 def top_singular(
     matrix: Tensor, rank: int, *, niter: int | None = DEFAULT_NITER, seed: int = 0,
     oversample: int = DEFAULT_OVERSAMPLE,

@@ -2,6 +2,7 @@
 for one intra-op thread."""
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +13,12 @@ settings.register_profile(
 )
 settings.register_profile("ci", deadline=None, max_examples=60, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+
+#: The checkout the tests run in. Python processes the tests start (workers run as scripts,
+#: benchmark smoke runs) import its ``lora_optim`` first: a script's ``sys.path[0]`` is its own
+#: folder, so an installed ``lora_optim`` of another checkout would be imported otherwise.
+ROOT = Path(__file__).resolve().parent.parent
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@ from torch import nn
 
 from lora_optim import LoRAAdam, NonFiniteGradientWarning
 from lora_optim.moment_rules import apply_moment_rule_
+from lora_optim.projections import get_projection
 from lora_optim.projections.additive import class_maps
 
 
@@ -232,3 +233,62 @@ def test_a_skipped_step_does_not_advance_the_maps():
         runs.append([p.detach().clone() for p in model.parameters()])
     for a, b in zip(*runs):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_a_skipped_step_between_redraws_does_not_count_toward_the_next():
+    """With redrawn maps the step is decided on the host (``host_decides``), so a skipped step that is
+    not a redraw leaves ``age`` as it was too: the run equals one without the bad step."""
+    runs = []
+    for bad in (False, True):
+        model, x, y = _model()
+        opt = LoRAAdam(model.parameters(), rank=3, projection="additive", lr=0.02, remap_every=3)
+        _train(model, opt, x, y, 1)
+        if bad:
+            for p in model.parameters():
+                p.grad = torch.full_like(p, float("nan"))
+            with pytest.warns(NonFiniteGradientWarning, match="skipped a step"):
+                opt.step()
+            opt.zero_grad()
+            assert opt.state[model[0].weight]["draws"] == 1 and opt.state[model[0].weight]["age"] == 1
+        _train(model, opt, x, y, 5)
+        runs.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*runs):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_default_additive_decides_on_the_device_and_remapped_on_the_host():
+    """``remap_every=0`` commits nothing and reads nothing on the host (the step compiles whole,
+    ``tests/test_compile.py``); ``remap_every>0`` is decided on the host every step."""
+    model, x, y = _model()
+    weight = model[0].weight
+    plain = LoRAAdam([weight], rank=3, projection="additive")
+    remapped = LoRAAdam([weight], rank=3, projection="additive", remap_every=2)
+    for opt in (plain, remapped):
+        weight.grad = torch.ones_like(weight)
+        opt.step()
+    additive = get_projection("additive")
+    assert not additive.host_decides(plain.state[weight], plain.param_groups[0])
+    assert additive.host_decides(remapped.state[weight], remapped.param_groups[0])
+
+
+def test_a_compiled_step_with_redrawn_maps_equals_the_eager_step():
+    """``torch.compile(opt.step)`` (not ``fullgraph``: the step reads its flags on the host and the
+    maps are host objects) through three redraws equals the eager step."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    runs = []
+    for compiled in (False, True):
+        model, x, y = _model()
+        opt = LoRAAdam(model.parameters(), rank=3, projection="additive", lr=0.02, remap_every=2,
+                       moment_rule="transport")
+        step = torch.compile(opt.step, backend="aot_eager") if compiled else opt.step
+        for _ in range(7):
+            nn.functional.cross_entropy(model(x), y).backward()
+            step()
+            opt.zero_grad()
+        assert opt.state[model[0].weight]["draws"] == 4
+        runs.append([p.detach().clone() for p in model.parameters()])
+    torch._dynamo.reset()
+    for a, b in zip(*runs):
+        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)  # traced Adam (plain ops) against the fused kernel

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from lora_optim import LoRAAdam
+from lora_optim import LoRAAdam, NonFiniteGradientWarning
 from lora_optim.dispatch_count import DispatchCounter
 from lora_optim.divergence import DEFAULT_DIVERGENCE_THRESHOLD, DivergenceWarning, is_check_step
 from lora_optim.kernels import use_native
@@ -123,13 +123,14 @@ def _count_third_step(threshold, matrices):
 
 def test_the_guard_adds_no_host_read_and_a_fixed_handful_of_ops_per_batch():
     """Between checks the guard reads nothing back (same syncs as without it) and costs the same
-    eleven launching ops for 8 or 32 matrices."""
+    fourteen launching ops for 8 or 32 matrices (eleven, and three that mask skipped steps with
+    the step's ``taken`` flags: two stacks and a ``where``)."""
     added = {}
     for matrices in (8, 32):
         off, on = _count_third_step(None, matrices), _count_third_step(0.01, matrices)
         assert on.syncs == off.syncs
         added[matrices] = on.launches - off.launches
-    assert added[8] == added[32] <= 11, added
+    assert added[8] == added[32] <= 14, added
 
 
 def test_the_check_step_reads_once_per_device():
@@ -159,3 +160,51 @@ def test_a_checkpoint_without_guard_state_gets_it_when_loaded(tmp_path):
     assert all(key in new.state[weight] for key in STEP_SIZE_KEYS)
     _steps(new, [weight], gen, 1)
     assert new.step_size_report()[0].largest > 0
+
+
+def test_a_skipped_step_records_no_step_size():
+    """A parameter skipped on the device (here: a NaN in its stored factor, so its state is not
+    finite) records nothing: its latest and largest values stay as they were (masked with the
+    step's ``taken`` flag; no NaN of the skipped factors reaches them). The other parameter of the
+    batch records its step as usual."""
+    gen = torch.Generator().manual_seed(0)
+    params = [nn.Parameter(torch.randn(20, 16, generator=gen)) for _ in range(2)]
+    opt = LoRAAdam(params, rank=2, lr=1e-3)
+    _steps(opt, params, gen, 2)
+    before = opt.step_size_report()
+    with torch.no_grad():
+        opt.state[params[0]]["A"][0, 0] = float("nan")
+    with pytest.warns(NonFiniteGradientWarning):
+        _steps(opt, params, gen, 1)
+    after = opt.step_size_report()
+    assert after[0] == before[0]
+    assert after[1].last != before[1].last
+    assert after[1].largest >= before[1].largest
+
+
+def test_a_check_step_syncs_nothing_and_warns_once_the_copy_has_landed():
+    """On the accelerator code paths the checks after steps 1, 2 and 4 start a copy to the host and
+    never wait for it: no host sync in any step, a check step included. The warning of step 1's
+    check comes at step 2, when the copy is known to have landed; ``state_dict()`` finishes a check
+    still on its way."""
+    gen = torch.Generator().manual_seed(0)
+    params = [nn.Parameter(torch.randn(32, 24, generator=gen) * 0.05)]
+    opt = LoRAAdam(params, rank=4, lr=0.05, projection="additive")
+    syncs = []
+    with use_native(False), accelerator_paths():
+        for step in range(1, 5):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", DivergenceWarning)
+                with DispatchCounter() as counter:
+                    opt.step()
+            syncs.append(counter.syncs)
+            warned = [w for w in caught if issubclass(w.category, DivergenceWarning)]
+            assert len(warned) == (1 if step == 2 else 0), (step, warned)
+    assert syncs == [0, 0, 0, 0]
+    fresh = LoRAAdam(params, rank=4, lr=0.05, projection="additive")
+    with use_native(False), accelerator_paths():
+        _steps(fresh, params, gen, 1)
+        with pytest.warns(DivergenceWarning):
+            fresh.state_dict()

@@ -1,15 +1,20 @@
 """A NaN or Inf in a gradient never reaches W, the factors or the moments.
 
-Default: that parameter's step is skipped (bit for bit nothing changes), a
-``NonFiniteGradientWarning`` is issued and an int counter in the state goes up. With
+Default: that parameter's step is skipped (bit for bit nothing changes), decided on the device;
+a ``NonFiniteGradientWarning`` is issued (at once on the CPU, at the next read of the counts on
+an accelerator's path) and a 0-dim int64 counter in the state goes up. With
 ``nonfinite="raise"`` the step raises before any parameter changes. ``torch.amp.GradScaler``
-works on top (it skips the whole step itself).
+works on top (it skips the whole step itself). The check reads the factor gradients, not ``G``:
+every NaN/Inf position of ``G`` reaches them, zero factors included (proved position by
+position below).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
+import itertools
 import warnings
 
 import pytest
@@ -19,8 +24,10 @@ from hypothesis import strategies as st
 from torch import nn
 
 from lora_optim import LoRAAdam, NonFiniteGradientError, NonFiniteGradientWarning, available_projections
-from lora_optim.nonfinite import finite_flags
-from lora_optim.projections import register_projection, unregister_projection
+from lora_optim.kernels import native_kernels, use_native
+from lora_optim.kernels.paths import accelerator_paths
+from lora_optim.nonfinite import finite_flags, finite_table
+from lora_optim.projections import get_projection, register_projection, unregister_projection
 from lora_optim.projections.lora import LoRAProjection
 
 BAD_VALUES = [float("nan"), float("inf"), float("-inf")]
@@ -59,14 +66,17 @@ def _assert_same(before: dict, after: dict) -> None:
                 assert value == other[key], key
 
 
+@pytest.mark.parametrize("path", ["cpu", "accelerator"])
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
 @given(
     data=st.data(),
     dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float64]),
     bad=st.sampled_from(BAD_VALUES),
 )
-@settings(max_examples=12)
-def test_nonfinite_gradient_is_skipped_for_that_parameter_only(config, data, dtype, bad):
+@settings(max_examples=8)
+def test_nonfinite_gradient_is_skipped_for_that_parameter_only(config, path, data, dtype, bad):
+    """Every projection, on the CPU's paths and on an accelerator's (torch ops only, the flags
+    never read on the host: the warning comes when the counts are read)."""
     out = data.draw(st.integers(1, 9), label="out")
     inn = data.draw(st.integers(1, 9), label="in")
     gen = torch.Generator().manual_seed(0)
@@ -74,10 +84,12 @@ def test_nonfinite_gradient_is_skipped_for_that_parameter_only(config, data, dty
     other = nn.Parameter(torch.randn(5, 4, generator=gen).to(dtype))
     options = {"rank": 2, **config}
     opt = LoRAAdam([weight, other], lr=1e-2, drift_probes=0 if options["rank"] is None else 2, **options)
+    context = accelerator_paths if path == "accelerator" else contextlib.nullcontext
     for _ in range(2):  # some state and history first
         weight.grad = torch.randn(out, inn, generator=gen).to(dtype)
         other.grad = torch.randn(5, 4, generator=gen).to(dtype)
-        opt.step()
+        with context(), use_native(path == "cpu"):
+            opt.step()
     grad = torch.randn(out, inn, generator=gen).to(dtype)
     grad[data.draw(st.integers(0, out - 1)), data.draw(st.integers(0, inn - 1))] = bad
     weight.grad = grad
@@ -85,7 +97,9 @@ def test_nonfinite_gradient_is_skipped_for_that_parameter_only(config, data, dty
     other_before = other.detach().clone()
     before = _snapshot(opt, [weight])
     with pytest.warns(NonFiniteGradientWarning, match="parameter 0"):
-        opt.step()
+        with context(), use_native(path == "cpu"):
+            opt.step()
+        assert opt.nonfinite_skips(weight) == 1  # the accelerator path warns here
     after = _snapshot(opt, [weight])
     assert after["state"][0].pop("nonfinite_skips") == before["state"][0].pop("nonfinite_skips") + 1
     _assert_same(before, after)
@@ -95,8 +109,9 @@ def test_nonfinite_gradient_is_skipped_for_that_parameter_only(config, data, dty
 
 
 def test_nan_with_zero_factor_is_caught():
-    """PEFT init: ``A = 0`` at the first step, so ``Aᵀ·G`` could hide a NaN in ``G`` from a check
-    of the projected gradients (a zero-skipping GEMM returns 0). The check is on ``G``."""
+    """PEFT init: ``A = 0`` at the first step, so ``Aᵀ·G`` would hide a NaN in ``G`` from a check
+    of the projected gradients if a GEMM skipped zeros; IEEE products do not (``0·NaN = NaN``),
+    and ``G·Bᵀ`` carries it anyway."""
     weight = nn.Parameter(torch.randn(6, 5))
     before = weight.detach().clone()
     opt = LoRAAdam([weight], rank=2)
@@ -111,9 +126,11 @@ def test_nan_with_zero_factor_is_caught():
 
 
 class MaskingProjection(LoRAProjection):
-    """A variant whose projection masks non-finite entries (as a fused or sparse kernel might)."""
+    """A variant whose projection masks non-finite entries (as a fused or sparse kernel might):
+    it does not declare that NaN/Inf reach its factor gradients, so ``G`` itself is checked."""
 
     name = "test-masking"
+    grad_nonfinite_propagates = False
 
     def project(self, grad, A, B):
         return super().project(torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0), A, B)
@@ -168,7 +185,9 @@ def test_overflowed_state_never_reaches_the_weight():
     assert all(torch.equal(a, b) for a, b in zip(factors, opt.get_factors(weight)))
 
 
-def test_skip_counter_checkpoints_as_an_int():
+def test_skip_counter_checkpoints_as_a_device_tensor_and_old_ints_load():
+    """The count is a 0-dim int64 tensor (advanced on the device); it round-trips through
+    ``weights_only=True``, and a checkpoint of an older version (an int) loads as one."""
     weight = nn.Parameter(torch.randn(6, 5))
     opt = LoRAAdam([weight], rank=2)
     with warnings.catch_warnings():
@@ -182,7 +201,13 @@ def test_skip_counter_checkpoints_as_an_int():
     restored = LoRAAdam([weight], rank=2)
     restored.load_state_dict(torch.load(buffer, weights_only=True))
     assert restored.nonfinite_skips(weight) == 3
-    assert type(restored.state[weight]["nonfinite_skips"]) is int
+    count = restored.state[weight]["nonfinite_skips"]
+    assert isinstance(count, torch.Tensor) and count.dtype == torch.int64 and count.dim() == 0
+    old = opt.state_dict()
+    old["state"][0]["nonfinite_skips"] = 2  # the int of an older checkpoint
+    legacy = LoRAAdam([weight], rank=2)
+    legacy.load_state_dict(old)
+    assert legacy.nonfinite_skips(weight) == 2 and legacy.state[weight]["nonfinite_skips"].dtype == torch.int64
 
 
 def test_finite_gradients_whose_sum_overflows_are_not_flagged():
@@ -249,3 +274,74 @@ def test_accelerator_screen_rechecks_what_its_norm_flags():
         with DispatchCounter() as counter:
             assert finite_flags([huge, torch.tensor([1.0, float("nan")]), torch.ones(3)]) == [True, False, True]
         assert counter.syncs == 2
+
+
+# ------------------------------------------------------------------ the screen reads the factor gradients
+
+FACTOR_CASES = ["trained", "A zero", "B zero", "both zero", "zero columns"]
+
+
+def _factors(case: str, out: int, inn: int, rank: int, dtype: torch.dtype, gen: torch.Generator):
+    A = torch.randn(out, rank, generator=gen, dtype=dtype)
+    B = torch.randn(rank, inn, generator=gen, dtype=dtype)
+    if case in ("A zero", "both zero"):
+        A.zero_()
+    if case in ("B zero", "both zero"):
+        B.zero_()
+    if case == "zero columns":  # exact zeros where G's NaN sits: a zero-skipping kernel would drop it
+        A[::2] = 0
+        B[:, ::2] = 0
+    return A, B
+
+
+def _positions(out: int, inn: int, gen: torch.Generator, limit: int = 150):
+    every = list(itertools.product(range(out), range(inn)))
+    if len(every) <= limit:
+        return every
+    picks = torch.randperm(len(every), generator=gen)[: limit - 4].tolist()
+    corners = [(0, 0), (0, inn - 1), (out - 1, 0), (out - 1, inn - 1)]
+    return corners + [every[i] for i in picks]
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["native", "torch"])
+@pytest.mark.parametrize("case", FACTOR_CASES)
+@pytest.mark.parametrize("projection", available_projections())
+def test_every_nan_or_inf_position_of_G_reaches_the_factor_gradients(projection, case, native):
+    """The engine checks the factor gradients instead of ``G`` (one read of ``G`` saved): proved
+    here position by position. For every position of ``G`` (all of a 7×5 matrix; corners and
+    146 random ones of 67×131, large enough for the BLAS and the CPU kernels' vector loops), for
+    NaN, +Inf and −Inf, for fp32, fp64 and a bf16 ``G`` (fp32 factors), with trained factors
+    and with zero ones (``A = 0``: PEFT's init; ``B = 0``; both; zero rows of ``A`` and columns
+    of ``B`` at the bad entry): some factor gradient is not finite. ``0·NaN`` and ``0·Inf`` are
+    NaN in IEEE arithmetic and no kernel on either path skips zeros."""
+    if native and native_kernels() is None:
+        pytest.skip("native kernels not built")
+    variant = get_projection(projection)
+    gen = torch.Generator().manual_seed(0)
+    rank = 3
+    for (out, inn), (grad_dtype, factor_dtype) in itertools.product(
+        [(7, 5), (67, 131)], [(torch.float32,) * 2, (torch.float64,) * 2, (torch.bfloat16, torch.float32)]
+    ):
+        A, B = _factors(case, out, inn, rank, factor_dtype, gen)
+        base = torch.randn(out, inn, generator=gen).to(grad_dtype)
+        if grad_dtype != factor_dtype and not variant.accepts_low_precision_grad:
+            base = base.to(factor_dtype)
+        missed = []
+        for (i, j), bad in itertools.product(_positions(out, inn, gen), BAD_VALUES):
+            grad = base.clone()
+            grad[i, j] = bad
+            with use_native(native):
+                grads = [g for g in variant.project(grad, A, B) if g is not None]
+            if all(bool(torch.isfinite(g).all()) for g in grads):
+                missed.append((i, j, bad))
+        assert not missed, (out, inn, grad_dtype, missed[:5])
+
+
+def test_finite_table_sees_nan_and_inf_and_never_overflows():
+    """The screen's reduction (a float64 sum of squares): NaN and ±Inf make a row not finite;
+    the largest finite fp32, bf16 and fp16 values never do; ``None`` entries are finite."""
+    huge = [torch.full((300, 300), torch.finfo(d).max, dtype=d) for d in (torch.float32, torch.bfloat16, torch.float16)]
+    nan = torch.tensor([1.0, float("nan")])
+    inf = torch.tensor([float("-inf")])
+    table = finite_table([huge, [None, nan], [inf], [torch.empty(0)]], 3, "cpu")
+    assert table.tolist() == [[True, True, True], [True, False, True], [False, True, True], [True, True, True]]

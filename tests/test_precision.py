@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
@@ -16,8 +17,13 @@ import torch
 from torch import nn
 
 from lora_optim import LoRAAdam, available_writers, optimizer_state_bytes
-from lora_optim.precision import default_precision, get_writer, stochastic_round_
+from lora_optim.precision import default_precision, get_writer, rounding_bits, stochastic_round_
 from lora_optim.kernels import native_kernels, use_native
+from lora_optim.kernels.paths import accelerator_paths
+from lora_optim.projections import FactorChange, get_projection
+from lora_optim.seeding import step_key
+from lora_optim.sparsity import pack_mask
+from lora_optim.weight_change import weight_delta
 
 LOW_PRECISION = [torch.bfloat16, torch.float16]
 
@@ -182,7 +188,7 @@ def test_default_precision_by_dtype():
 @pytest.mark.parametrize("fraction", [0.1, 0.5, 0.77])
 @pytest.mark.parametrize("base", [1.0, 0.02, -0.02, -3.0e5])
 def test_native_stochastic_write_is_unbiased(base, fraction):
-    """The one-pass CPU write (bits from a hash of seed, row and column): each element rounds up
+    """The one-pass CPU write (bits ``a_i ^ b_j`` of :func:`rounding_bits`): each element rounds up
     with the probability of its fraction of the gap, within 5 binomial standard deviations."""
     kernels = native_kernels()
     if kernels is None:
@@ -193,7 +199,7 @@ def test_native_stochastic_write_is_unbiased(base, fraction):
     gap = fraction * (hi - lo)
     left, right = torch.full((rows, 1), gap), torch.ones(1, cols)
     exact = (lo + torch.tensor(gap, dtype=torch.float32)).item()  # what fp32 holds of lo + gap
-    kernels.add_lowrank_stochastic_(weight, left, right, 1.0, seed=987654321)
+    kernels.add_lowrank_stochastic_(weight, left, right, 1.0, *rounding_bits(rows, cols, step_key(987654321, 0)))
     result = weight.float()
     assert set(torch.unique(result).tolist()) <= {lo, hi}
     expected = (exact - lo) / (hi - lo)
@@ -201,9 +207,9 @@ def test_native_stochastic_write_is_unbiased(base, fraction):
     assert abs(up - expected) <= 5 * math.sqrt(expected * (1 - expected) / (rows * cols))
 
 
-def test_native_stochastic_bits_depend_on_seed_row_and_column_only():
-    """Same seed: the same result whatever the chunking and thread count, and whether the rows
-    are written whole or as a row shard with its offset; another seed: other bits."""
+def test_native_stochastic_bits_depend_on_key_row_and_column_only():
+    """Same key: the same result whatever the chunking and thread count, and whether the rows
+    are written whole or as a row shard with its offset; another key: other bits."""
     kernels = native_kernels()
     if kernels is None:
         pytest.skip("native kernels not built")
@@ -211,19 +217,66 @@ def test_native_stochastic_bits_depend_on_seed_row_and_column_only():
     weight = (torch.randn(300, 200, generator=gen) * 0.02).bfloat16()
     left, right = torch.randn(300, 8, generator=gen) * 1e-3, torch.randn(8, 200, generator=gen) * 1e-3
     whole = weight.clone()
-    kernels.add_lowrank_stochastic_(whole, left, right, 2.0, seed=11)
+    kernels.add_lowrank_stochastic_(whole, left, right, 2.0, *rounding_bits(300, 200, 11))
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
         shards = weight.clone()
-        kernels.add_lowrank_stochastic_(shards[:130], left[:130], right, 2.0, seed=11)
-        kernels.add_lowrank_stochastic_(shards[130:], left[130:], right, 2.0, seed=11, row_base=130)
+        kernels.add_lowrank_stochastic_(shards[:130], left[:130], right, 2.0, *rounding_bits(130, 200, 11))
+        kernels.add_lowrank_stochastic_(shards[130:], left[130:], right, 2.0, *rounding_bits(170, 200, 11, 130))
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(whole, shards)
     other = weight.clone()
-    kernels.add_lowrank_stochastic_(other, left, right, 2.0, seed=12)
+    kernels.add_lowrank_stochastic_(other, left, right, 2.0, *rounding_bits(300, 200, 12))
     assert not torch.equal(whole, other)
+
+
+@pytest.mark.parametrize("as_product", [True, False])
+def test_stochastic_bits_are_the_same_on_every_path(as_product):
+    """The native one-pass write, the CPU torch path (blocks of rows) and an accelerator's path
+    (one fp32 copy of W) write the same bits: the noise of element (i, j) is a function of the
+    key, the row and the column only. ``as_product=False``: a masked (sparse) change, which has
+    no thin product and goes through the projection's ``add_delta_``."""
+    gen = torch.Generator().manual_seed(3)
+    rows, cols, rank = 700, 410, 4  # more than one CPU block of rows
+    weight = (torch.randn(rows, cols, generator=gen) * 0.02).bfloat16()
+    projection = get_projection("lora")
+    A, B = torch.randn(rows, rank, generator=gen) * 1e-2, torch.randn(rank, cols, generator=gen) * 1e-2
+    dA, dB = torch.randn(rows, rank, generator=gen) * 1e-3, torch.randn(rank, cols, generator=gen) * 1e-3
+    change = FactorChange(A, B, A + dA, B + dB, dA, dB)
+    mask = pack_mask(torch.ones(rows, cols, dtype=torch.bool)) if not as_product else None
+    writer = get_writer("stochastic")
+    results = []
+    for native, accelerator in ((True, False), (False, False), (False, True)):
+        target = weight.clone()
+        state = writer.init_state(target, seed=5)
+        with use_native(native), (accelerator_paths() if accelerator else contextlib.nullcontext()):
+            writer.write_(target, state, weight_delta(projection, change, 0.5, mask))
+        assert int(state["rounding_draws"]) == 1
+        results.append(target)
+    assert torch.equal(results[0], results[1]) and torch.equal(results[1], results[2])
+    assert not torch.equal(results[0], weight)
+
+
+def test_rounding_bits_are_uniform_and_pairwise_uncorrelated():
+    """``a_i ^ b_j`` over many keys: every element's 16 bits are uniform (mean 2¹⁵ − ½, variance
+    (2³² − 1)/12), and the rounding decisions of two elements in one row, one column, or neither
+    are uncorrelated (pairwise independence, so sums of rounding errors have the variance of
+    independent rounding)."""
+    keys = 4000
+    rows, cols = 6, 5
+    words = torch.stack([(lambda a, b: a.unsqueeze(1) ^ b)(*rounding_bits(rows, cols, step_key(77, k)))
+                         for k in range(keys)]).double()  # keys × rows × cols
+    mean, var = 2**15 - 0.5, (2**32 - 1) / 12
+    z = (words.mean(0) - mean) / math.sqrt(var / keys)
+    assert z.abs().max() < 5
+    up = (words < 0.3 * 2**16).double()  # a rounding decision with p = 0.3
+    flat = up.reshape(keys, -1)
+    centred = flat - flat.mean(0)
+    correlation = (centred.t() @ centred) / keys / (centred.std(0).unsqueeze(0) * centred.std(0).unsqueeze(1))
+    off = correlation - torch.eye(rows * cols, dtype=torch.float64)
+    assert off.abs().max() < 5 / math.sqrt(keys)
 
 
 @pytest.mark.parametrize("precision", available_writers())
@@ -238,8 +291,9 @@ def test_state_bytes_per_mode(precision):
     state = opt.state[weight]
     for key in ("A", "B", "exp_avg_A", "exp_avg_sq_A", "exp_avg_B", "exp_avg_sq_B"):
         assert state[key].dtype == torch.float32
-    extra = {"nearest": 0, "stochastic": 0, "compensated": out * inn * 2}[precision]
-    assert optimizer_state_bytes(opt) == 3 * rank * (out + inn) * 4 + extra + 4 + GUARD_BYTES  # + step, guard
+    extra = {"nearest": 0, "stochastic": 8, "compensated": out * inn * 2}[precision]  # stochastic: its write count
+    # + the step and skip counts, the divergence guard
+    assert optimizer_state_bytes(opt) == 3 * rank * (out + inn) * 4 + extra + 4 + 8 + GUARD_BYTES
 
 
 class _GivenDelta:
@@ -416,10 +470,11 @@ def test_drift_is_off_by_default_and_costs_nothing():
     opt = LoRAAdam([weight], rank=4)
     opt.step()
     assert not any(key.startswith("drift") for key in opt.state[weight])
-    assert optimizer_state_bytes(opt) == 3 * 4 * (30 + 20) * 4 + 4 + GUARD_BYTES  # + the step count, the guard
+    # + the step and skip counts, the guard
+    assert optimizer_state_bytes(opt) == 3 * 4 * (30 + 20) * 4 + 4 + 8 + GUARD_BYTES
     with pytest.raises(ValueError, match="drift_probes=0"):
         opt.drift(weight)
     assert opt.drift_report() == {}
     probed = LoRAAdam([weight], rank=4, drift_probes=3)
     probed.step()
-    assert optimizer_state_bytes(probed) == 3 * 4 * (30 + 20) * 4 + 4 + GUARD_BYTES + 3 * (20 + 2 * 30) * 8
+    assert optimizer_state_bytes(probed) == 3 * 4 * (30 + 20) * 4 + 4 + 8 + GUARD_BYTES + 3 * (20 + 2 * 30) * 8

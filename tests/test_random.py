@@ -164,14 +164,14 @@ def test_moment_rules_at_a_redraw():
         real_adamw = engine_module.adamw_
 
         # Capture the moments right after the redraw, before Adam folds in the new gradient.
-        def spy(params, grads, exp_avgs, exp_avg_sqs, steps, hyper, grad_scale=None):
+        def spy(params, grads, exp_avgs, exp_avg_sqs, steps, hyper, grad_scale=None, found_inf=None):
             for index, exp_avg in enumerate(exp_avgs):
                 if exp_avg is state["exp_avg_A"]:
                     captured.update(exp_avg_A=exp_avg.clone(), exp_avg_sq_A=exp_avg_sqs[index].clone(),
                                     step=steps[index].item())
                 if exp_avg is state["exp_avg_B"]:
                     captured.update(exp_avg_B=exp_avg.clone(), exp_avg_sq_B=exp_avg_sqs[index].clone())
-            return real_adamw(params, grads, exp_avgs, exp_avg_sqs, steps, hyper, grad_scale)
+            return real_adamw(params, grads, exp_avgs, exp_avg_sqs, steps, hyper, grad_scale, found_inf)
 
         engine_module.adamw_ = spy
         try:

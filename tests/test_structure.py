@@ -129,6 +129,16 @@ def test_importing_the_package_in_a_fresh_interpreter_works():
     assert result.returncode == 0, result.stderr
 
 
+def test_a_script_the_tests_run_imports_this_checkouts_library(tmp_path):
+    """Workers run as scripts (``tests/resume_worker.py``, ``tests/trainer_worker.py``, the
+    benchmarks) import the ``lora_optim`` under test, not an installed one of another checkout
+    (``tests/conftest.py`` puts the checkout first on ``PYTHONPATH``)."""
+    script = tmp_path / "where.py"
+    script.write_text("import lora_optim; print(lora_optim.__file__)\n", encoding="utf-8")
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, check=True)
+    assert pathlib.Path(result.stdout.strip()).resolve().parent == PACKAGE.resolve()
+
+
 # Private names of other libraries that the code may use, each with why.
 ALLOWED_PRIVATE = {
     "_version": "torch.Tensor's version counter: detects an input changed in place",

@@ -28,7 +28,7 @@ from pathlib import Path
 __all__ = ["load_library", "ABI_VERSION"]
 
 #: Must equal ``lo_abi_version()`` in the C++ source.
-ABI_VERSION = 3
+ABI_VERSION = 4
 
 _SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
 _BASE_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-ffp-contract=fast", "-Wno-psabi", "-Wno-unknown-pragmas")

@@ -6,8 +6,8 @@
 //
 // Storage types: "f32" (float), "bf16" (bfloat16 stored as uint16, computed in float), "f64"
 // (double). bf16 results are rounded to nearest even once per element, as torch rounds, except in
-// the two bf16 write modes of the weight update: stochastic rounding ("sr", random bits from a
-// counter-based hash of the seed and the element's row and column) and Kahan compensation
+// the two bf16 write modes of the weight update: stochastic rounding ("sr": the random bits of an
+// element are the xor of one 16-bit word per row and one per column, given) and Kahan compensation
 // ("kahan", with a bf16 buffer of W's shape that keeps what rounding dropped).
 
 #include <algorithm>
@@ -242,45 +242,17 @@ struct NearestWrite {
   }
 };
 
-// A 32-bit integer hash with good avalanche (Wellons' "lowbias32"), lane-wise and scalar.
-inline vu_t mix32(vu_t x) {
-  x ^= x >> 16;
-  x *= 0x7feb352du;
-  x ^= x >> 15;
-  x *= 0x846ca68bu;
-  x ^= x >> 16;
-  return x;
-}
-
-inline uint32_t mix32(uint32_t x) {
-  x ^= x >> 16;
-  x *= 0x7feb352du;
-  x ^= x >> 15;
-  x *= 0x846ca68bu;
-  x ^= x >> 16;
-  return x;
-}
-
-constexpr int kFloatLanes = LO_VBYTES / 4;
-
-inline vu_t lane_index() {
-  vu_t v;
-  for (int l = 0; l < kFloatLanes; ++l) v[l] = uint32_t(l);
-  return v;
-}
-
 // Stochastic rounding of float x to bf16: add 16 random bits below bf16's mantissa to the bit
 // pattern and truncate, so the magnitude rounds up with probability (dropped bits) / 2^16.
-// The bits of element (i, j) are mix32((j * golden) ^ key(i)), key(i) = mix32(i ^ lo) ^ hi:
-// they depend on the seed, the row and the column only, not on chunks or threads.
+// The bits of element (i, j) are row_bits[i] ^ column_bits[j] (16-bit words hashed in torch ops by
+// lora_optim.precision.rounding_bits from the key of the write, the global row and the column):
+// they depend on neither chunks nor threads, and every other path makes the same ones.
 struct StochasticWrite {
-  uint32_t seed_lo, seed_hi;
-  uint64_t row_base;  // global index of row 0 (a row shard's offset)
-
-  uint32_t row_key(int64_t i) const { return mix32(uint32_t(row_base + uint64_t(i)) ^ seed_lo) ^ seed_hi; }
+  const int32_t* row_bits;
+  const int32_t* column_bits;
 
   static vu_t round_bits(vf_t x, vu_t noise) {
-    vu_t up = ((vu_t)x + (noise & 0xFFFFu)) >> 16;
+    vu_t up = ((vu_t)x + noise) >> 16;
     vu_t nan = (vu_t)(x != x);
     return (up & ~nan) | (nan & 0x7FC0u);
   }
@@ -288,8 +260,7 @@ struct StochasticWrite {
   template <class St>
   void vec(uint16_t* wp, vf_t delta, int64_t i, int64_t j) const {
     vf_t x = BF16::vload(wp) + delta;
-    vu_t columns = (lane_index() + uint32_t(j)) * 0x9E3779B9u;
-    vu_t noise = mix32(columns ^ row_key(i));
+    vu_t noise = load_raw<vu_t>(column_bits + j) ^ uint32_t(row_bits[i]);
     store_raw(wp, __builtin_convertvector(round_bits(x, noise), vh_t));
   }
   template <class St>
@@ -301,7 +272,7 @@ struct StochasticWrite {
     }
     uint32_t u;
     std::memcpy(&u, &x, sizeof u);
-    uint32_t noise = mix32((uint32_t(j) * 0x9E3779B9u) ^ row_key(i)) & 0xFFFFu;
+    uint32_t noise = uint32_t(column_bits[j] ^ row_bits[i]) & 0xFFFFu;
     *wp = uint16_t((u + noise) >> 16);
   }
 };
@@ -539,7 +510,7 @@ void for_each_chunk(int64_t row0, int64_t row1, int64_t chunk_rows, int threads,
 #define LO_EXPORT extern "C" __attribute__((visibility("default")))
 
 // Bumped whenever a signature changes; native.py checks it.
-LO_EXPORT int lo_abi_version() { return 3; }
+LO_EXPORT int lo_abi_version() { return 4; }
 LO_EXPORT int lo_vector_bytes() { return LO_VBYTES; }
 LO_EXPORT int lo_openmp() {
 #ifdef _OPENMP
@@ -586,12 +557,13 @@ LO_DEFINE(f32, F32)
 LO_DEFINE(bf16, BF16)
 LO_DEFINE(f64, F64)
 
-// The bf16 write modes of the weight update (float compute): stochastic rounding with the 64-bit
-// seed (lo, hi) and the global index of row 0, and Kahan compensation with a bf16 buffer c.
+// The bf16 write modes of the weight update (float compute): stochastic rounding with the random
+// words of the rows and of the columns (int32 vectors holding 16 bits each), and Kahan
+// compensation with a bf16 buffer c.
 LO_EXPORT void lo_update_sr_bf16(void* W, int64_t ldw, int64_t row0, int64_t row1, int64_t m, int64_t K,
-                                 const void* Lf, const void* R, double scale, int64_t seed_lo, int64_t seed_hi,
-                                 int64_t row_base, int64_t chunk_rows, int threads) {
-  const StochasticWrite write{uint32_t(seed_lo), uint32_t(seed_hi), uint64_t(row_base)};
+                                 const void* Lf, const void* R, double scale, const void* row_bits,
+                                 const void* column_bits, int64_t chunk_rows, int threads) {
+  const StochasticWrite write{(const int32_t*)row_bits, (const int32_t*)column_bits};
   for_each_chunk(row0, row1, chunk_rows, threads, [&](int64_t, int64_t a, int64_t b) {
     update<BF16>((uint16_t*)W, ldw, a, b, m, K, (const float*)Lf, (const float*)R, scale, write);
   });

@@ -18,7 +18,8 @@ with the torch path to float rounding, not bit for bit. They do not depend on th
 or on scheduling: rows are chunked by shape alone and the per-chunk partial sums of ``Aᵀ·G``
 are added in chunk order.
 
-:func:`native_kernels` returns the loaded kernels, or ``None`` when they are off or unavailable;
+:func:`native_kernels` returns the loaded kernels, or ``None`` when they are off or unavailable
+(and inside ``torch.compile``d code, which runs the same math in torch ops);
 :func:`use_native` switches them off or on within a block (tests compare both paths).
 """
 
@@ -56,7 +57,7 @@ _SIGNATURES = {
 
 #: The bf16-only write modes of the update pass: (name, arguments after the row range).
 _BF16_WRITES = {
-    "update_sr": [_P, _I, _I, _I, _I, _I, _P, _P, _D, _I, _I, _I, _I, _INT],
+    "update_sr": [_P, _I, _I, _I, _I, _I, _P, _P, _D, _P, _P, _I, _INT],
     "update_kahan": [_P, _I, _I, _I, _I, _I, _P, _P, _D, _P, _I, _I, _INT],
 }
 
@@ -196,19 +197,23 @@ class NativeKernels:
         :meth:`supports` with fp32 factors."""
         return weight.dtype == torch.bfloat16 and cls.supports(weight, compute_dtype)
 
-    def add_lowrank_stochastic_(self, weight: Tensor, left: Tensor, right: Tensor, scale: float, seed: int,
-                                row_base: int = 0) -> None:
+    def add_lowrank_stochastic_(self, weight: Tensor, left: Tensor, right: Tensor, scale: float, row_bits: Tensor,
+                                column_bits: Tensor) -> None:
         """``W ← SR(W + scale·left·right)`` for a bf16 ``W``: each element becomes one of its two bf16
-        neighbours, the upper with probability (distance from the lower) / (gap), with 16 random
-        bits from a hash of the 64-bit ``seed``, the row (``row_base`` + local row) and the column,
-        so the bits depend on neither chunks nor threads."""
+        neighbours, the upper with probability (distance from the lower) / (gap), with the 16
+        random bits ``row_bits[i] ^ column_bits[j]`` (int32 vectors of ``W``'s rows and columns,
+        :func:`lora_optim.precision.rounding_bits`)."""
         rows, cols = weight.shape
         inner = left.shape[1]
         left, right = left.contiguous(), right.contiguous()
-        seed &= (1 << 64) - 1
+        row_bits = row_bits.to(torch.int32).contiguous()
+        column_bits = column_bits.to(torch.int32).contiguous()
+        if row_bits.shape != (rows,) or column_bits.shape != (cols,):
+            raise ValueError(f"add_lowrank_stochastic_: bits of shapes {tuple(row_bits.shape)}, "
+                             f"{tuple(column_bits.shape)} for a weight of shape {(rows, cols)}")
         work = rows * cols * inner
         self._launch("update_sr", weight, (cols, inner, left.data_ptr(), right.data_ptr(), float(scale),
-                                           seed & 0xFFFFFFFF, seed >> 32, int(row_base)),
+                                           row_bits.data_ptr(), column_bits.data_ptr()),
                      work=work, chunk=_chunk_rows(rows, work))
 
     def add_lowrank_compensated_(self, weight: Tensor, compensation: Tensor, left: Tensor, right: Tensor,
@@ -251,8 +256,8 @@ _kernels: dict[str, NativeKernels | None] = {}
 def native_kernels() -> NativeKernels | None:
     """The native kernels, or ``None`` if switched off (:func:`use_native`, ``LORA_OPTIM_NATIVE=0``)
     or not buildable here."""
-    if not native_enabled():
-        return None
+    if torch.compiler.is_compiling() or not native_enabled():
+        return None  # a compiled step runs the torch math (inductor cannot trace a ctypes call)
     if "kernels" not in _kernels:
         library = load_library()
         _kernels["kernels"] = NativeKernels(library) if library is not None else None

@@ -26,7 +26,10 @@ _switch = threading.local()
 
 
 def cpu_paths(device: torch.device | str) -> bool:
-    """Whether work on ``device`` takes the CPU's paths (a CPU device, outside :func:`accelerator_paths`)."""
+    """Whether work on ``device`` takes the CPU's paths (a CPU device, outside :func:`accelerator_paths`
+    and outside ``torch.compile``d code, where inductor fuses the accelerator's shape of work)."""
+    if torch.compiler.is_compiling():
+        return False
     return torch.device(device).type == "cpu" and not getattr(_switch, "accelerator", False)
 
 

@@ -35,9 +35,18 @@ incoming frozen factors). The gradients are then ``(G·Pᵀ, Qᵀ·G)``, the wri
 kernel). State adds ``draws`` and ``age`` (ints); the maps are regenerated from the seed. After
 the first redraw the learnt change is a sum over maps, so it exports (like ``random``'s) by an
 SVD against the base weights.
+
+The counters and maps live on the host, so with ``remap_every > 0`` every step reads its NaN/Inf
+flags on the host (one sync per step, :meth:`AdditiveProjection.host_decides`) and commits a
+count or a redraw only for a step that is taken. A step compiled with ``torch.compile`` then
+breaks its graph at that read (compile it without ``fullgraph=True``; it equals the eager step,
+``tests/test_additive_remap.py``). The default, ``remap_every=0``, commits nothing: no host read,
+and the step compiles whole.
 """
 
 from __future__ import annotations
+
+import weakref
 
 import einops
 import torch
@@ -46,11 +55,11 @@ from torch import Tensor
 from collections.abc import Mapping
 from typing import Any
 
-from torch.utils.weak import WeakIdKeyDictionary
 
 from lora_optim import initial_factors
 from lora_optim.kernels import native_kernels
 from lora_optim.kernels.blocks import row_blocks
+from lora_optim.kernels.product import add_thin_product_
 from lora_optim.moment_rules import MOMENT_RULES, apply_moment_rule_
 from lora_optim.options import Option, choice, integer
 from lora_optim.projections.registry import register_projection
@@ -81,15 +90,17 @@ def block_identity(size: int, rank: int, *, dtype: torch.dtype, device: torch.de
     ``G·E`` sums the columns of ``G`` with equal index mod ``r``, and ``Eᵀ·G`` its rows.
     """
     key = (size, rank, dtype, torch.device(device), transposed)
-    cached = _BLOCK_IDENTITIES.get(key)
+    compiling = torch.compiler.is_compiling()  # inside a compiled step: made in the graph, not cached
+    cached = None if compiling else _BLOCK_IDENTITIES.get(key)
     if cached is None:
-        if len(_BLOCK_IDENTITIES) > 256:  # a bound, for programs that see many shapes
-            _BLOCK_IDENTITIES.clear()
         index = torch.arange(size, device=device)
         cached = (index.remainder(rank).unsqueeze(1) == torch.arange(rank, device=device)).to(dtype)
         if transposed:
             cached = cached.t().contiguous()
-        _BLOCK_IDENTITIES[key] = cached
+        if not compiling:
+            if len(_BLOCK_IDENTITIES) > 256:  # a bound, for programs that see many shapes
+                _BLOCK_IDENTITIES.clear()
+            _BLOCK_IDENTITIES[key] = cached
     return cached
 
 
@@ -177,10 +188,7 @@ def additive_add_delta_(
         torch.autograd.graph.increment_version(target)  # as an in-place torch op would
         return
     left, right = additive_step_product(dA, dB, row_start, target.shape[0], row_offset)
-    if target.dtype == dA.dtype:
-        target.addmm_(left, right, alpha=scale)
-    else:
-        target.add_(torch.mm(left, right), alpha=scale)
+    add_thin_product_(target, left, right, scale)
 
 
 def _rotated_rows(dB: Tensor, row_start: int, row_offset: int) -> Tensor:
@@ -243,10 +251,21 @@ class _Maps:
 
 
 #: The index map each stored ``A`` (of a ``remap_every > 0`` state) projects and writes with next,
-#: keyed by the tensor's identity. A cache of what the state determines (``seed``, ``draws``): the
-#: protocol hands :meth:`Projection.project` and the writes the factors only, so the map travels
-#: with the stored factor. Absent (fixed map ``j mod r``) before the first redraw.
-_CURRENT_MAPS: WeakIdKeyDictionary = WeakIdKeyDictionary()
+#: keyed by ``id`` of the tensor, with a weak reference to it (an entry counts only while it names
+#: that very tensor). A cache of what the state determines (``seed``, ``draws``): the protocol
+#: hands :meth:`Projection.project` and the writes the factors only, so the map travels with the
+#: stored factor. Absent (fixed map ``j mod r``) before the first redraw. A plain dict of ints, so
+#: that a compiled step of a fixed-map group looks its ``A`` up (and finds nothing) without a graph
+#: break; dead entries are dropped when a map is bound (no finalizer changes it at random times).
+_CURRENT_MAPS: dict[int, tuple[weakref.ref, "_Maps"]] = {}
+
+
+def _bound_maps(A: Tensor) -> _Maps | None:
+    """The redrawn map bound to the stored factor ``A``, or ``None`` (the fixed map)."""
+    entry = _CURRENT_MAPS.get(id(A))
+    if entry is None or entry[0]() is not A:
+        return None
+    return entry[1]
 
 
 def _remaps(group: Mapping[str, Any]) -> bool:
@@ -266,6 +285,7 @@ class AdditiveProjection(Projection):
     )
     accepts_low_precision_grad = True
     supports_row_sharding = True  # the row folds use global row indices (row_offset)
+    grad_nonfinite_propagates = True  # every G_ij enters a row sum and a column sum
 
     def validate_options(self, group: Mapping[str, Any]) -> None:
         """Redrawn maps are refused with the drift check of a ``preserve_sparsity`` group (its
@@ -306,9 +326,11 @@ class AdditiveProjection(Projection):
     def _bind(state: FactorState, maps: _Maps | None) -> None:
         A = state[FACTOR_A]
         if maps is None:
-            _CURRENT_MAPS.pop(A, None)
-        elif getattr(_CURRENT_MAPS.get(A), "draw", None) != maps.draw:
-            _CURRENT_MAPS[A] = maps
+            _CURRENT_MAPS.pop(id(A), None)
+        elif getattr(_bound_maps(A), "draw", None) != maps.draw:
+            for key in [key for key, (ref, _) in _CURRENT_MAPS.items() if ref() is None]:
+                del _CURRENT_MAPS[key]  # factors of optimizers that are gone
+            _CURRENT_MAPS[id(A)] = (weakref.ref(A), maps)
 
     @staticmethod
     def _due(state: FactorState, group: Mapping[str, Any]) -> bool:
@@ -316,7 +338,7 @@ class AdditiveProjection(Projection):
 
     def current_factors(self, state: FactorState, group) -> tuple[Tensor, Tensor]:
         """The stored ``(A, B)`` (with redrawn maps, the current map is bound to ``A`` if nothing is)."""
-        if _remaps(group) and state[FACTOR_A] not in _CURRENT_MAPS:
+        if _remaps(group) and _bound_maps(state[FACTOR_A]) is None:
             self._bind(state, self._maps(state, state[DRAWS] - 1))
         return state[FACTOR_A], state[FACTOR_B]
 
@@ -328,10 +350,20 @@ class AdditiveProjection(Projection):
             self._bind(state, self._maps(state, draw))
         return state[FACTOR_A], state[FACTOR_B]
 
-    def begin_step(self, state: FactorState, group, A: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
+    def host_decides(self, state: FactorState, group: Mapping[str, Any]) -> bool:
+        """With redrawn maps (``remap_every > 0``): true, every step. The map counters are host ints
+        and the maps Python objects, so :meth:`begin_step` runs only for a step that is taken (one
+        host read of the step's flags per step, as for ``nonfinite="raise"``). With the fixed map
+        (the default): false, the step is decided on the device and commits nothing."""
+        return _remaps(group)
+
+    def begin_step(self, state: FactorState, group, A: Tensor, B: Tensor, *,
+                   taken: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Count the step; at a due redraw apply the moment rule from the outgoing to the incoming
         indicator factors ``(Q, P)``, zero the factors (their change is in ``W``) and advance the
-        map counter."""
+        map counter. With the fixed map nothing is committed (``taken`` is not read); with redrawn
+        maps the engine calls it only for a taken step, decided on the host (:meth:`host_decides`),
+        so a skipped step leaves the counters and maps as they were."""
         if not _remaps(group):
             return A, B
         if not self._due(state, group):
@@ -366,7 +398,7 @@ class AdditiveProjection(Projection):
         """Block row and column sums of ``G``; ``grad`` may be of lower precision. On a row shard
         the row sums are this rank's part, in the classes of the global row indices. With a
         redrawn map bound to ``A``: ``(G·Pᵀ, Qᵀ·G)``."""
-        maps = _CURRENT_MAPS.get(A)
+        maps = _bound_maps(A)
         if maps is None:
             return additive_project(grad, A.shape[1], A.dtype, row_offset)
         return lowrank_project(grad, maps.rows(row_offset, row_offset + grad.shape[0]), maps.P)
@@ -378,7 +410,7 @@ class AdditiveProjection(Projection):
         ``Σ_{j≡k} G_ij = Σ_n δY_ni·fold(X)_nk`` and ``Σ_{i≡k} G_ij = Σ_n fold(δY)_nk·X_nj``. With a
         redrawn map, LoRA's products with ``(Q, P)``.
         """
-        maps = _CURRENT_MAPS.get(A)
+        maps = _bound_maps(A)
         if maps is not None:
             return lowrank_project_activations(inputs, output_grads, maps.Q, maps.P)
         rank = A.shape[1]
@@ -390,21 +422,18 @@ class AdditiveProjection(Projection):
     def add_delta_(self, target: Tensor, change: FactorChange, scale: float, row_start: int = 0) -> None:
         """``target += s·(dA[:, j mod r] + dB[i mod r, :])`` (``ΔW`` is linear in the factors); with a
         redrawn map, ``s·[dA, Q]·[P; dB]``."""
-        if _CURRENT_MAPS.get(change.A_new) is None:
+        if _bound_maps(change.A_new) is None:
             additive_add_delta_(target, change.dA, change.dB, scale, row_start, change.row_offset)
             return
         left, right = self.step_product(change, row_start, target.shape[0])
-        if target.dtype == left.dtype:
-            target.addmm_(left, right, alpha=scale)
-        else:
-            target.add_(torch.mm(left, right), alpha=scale)
+        add_thin_product_(target, left, right, scale)
 
     def step_product(
         self, change: FactorChange, row_start: int = 0, rows: int | None = None
     ) -> tuple[Tensor, Tensor] | None:
         """``([dA, E_r], [E_c; dB])`` (:func:`additive_step_product`); with a redrawn map
         ``([dA, Q], [P; dB])``."""
-        maps = _CURRENT_MAPS.get(change.A_new)
+        maps = _bound_maps(change.A_new)
         if maps is None:
             return additive_step_product(change.dA, change.dB, row_start, rows, change.row_offset)
         stop = change.dA.shape[0] if rows is None else row_start + rows
@@ -462,7 +491,7 @@ class AdditiveProjection(Projection):
         rank = change.A.shape[1]
         step_A = change.A_new.to(probes.dtype) - change.A.to(probes.dtype)
         step_B = change.B_new.to(probes.dtype) - change.B.to(probes.dtype)
-        maps = _CURRENT_MAPS.get(change.A_new)
+        maps = _bound_maps(change.A_new)
         if maps is not None:
             Q = maps.rows(change.row_offset, change.row_offset + step_A.shape[0]).to(probes.dtype)
             return (step_A @ (maps.P.to(probes.dtype) @ probes)).add_(Q @ (step_B @ probes)).mul_(scale)

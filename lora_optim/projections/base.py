@@ -7,10 +7,17 @@ low-rank parameter with per-parameter ``state`` and scale ``s``::
 
     A, B   = projection.step_factors(state, group, G)     # pure: the factors of this step
     gA, gB = projection.project(G, A, B)                   # ∂L/∂A, ∂L/∂B at s = 1 (then × s)
-    ...    # one NaN/Inf check of the whole step; a skipped parameter stops here, unchanged
-    A, B   = projection.begin_step(state, group, A, B)     # commit: redraw counters, moment rule
-    ...    # one fused AdamW call updates the trained factors (trained_factors) of the group in place
+    ...    # the NaN/Inf check of the step, on the device: `taken`, a 0-dim bool per parameter
+    A, B   = projection.begin_step(state, group, A, B, taken=taken)   # commit, where taken
+    ...    # fused AdamW on the trained factors (trained_factors), found_inf = not taken
     projection.add_delta_(W, FactorChange(A, B, A', B', dA, dB), s)   # W += s·(Δ(A', B') − Δ(A, B))
+
+The step is decided on the device, so a skipped parameter reaches :meth:`begin_step` too, with
+``taken`` false, and must then change nothing (``torch.where``, ``masked_fill_``, adding
+``taken`` to a counter). A variant whose commit changes host-side values (ints, Python
+objects) says so with :meth:`host_decides`; the engine then reads the step's flags on the host
+(one sync) and calls :meth:`begin_step` without ``taken``, only for a step that is taken. That is
+the default for a variant that overrides :meth:`begin_step`.
 
 The per-layer and activation-side modes call :meth:`project` (or :meth:`project_activations`)
 on each piece of the gradient with the factors of :meth:`step_factors` (called without ``G``:
@@ -87,6 +94,15 @@ class Projection(abc.ABC):
     #: State keys of tensors with one row per row of ``W`` (besides ``A`` and its moments), which
     #: are sharded with ``W``.
     row_sharded_keys: ClassVar[tuple[str, ...]] = ()
+    #: Whether every NaN or Inf of ``G`` reaches the factor gradients of :meth:`project` (and of
+    #: :meth:`project_activations` from a NaN/Inf in ``X`` or ``δY``). True when each entry of
+    #: ``G`` enters them through products with factor entries or plain sums, with no masking:
+    #: IEEE arithmetic keeps the NaN (``0·NaN`` and ``0·Inf`` are NaN). The engine then checks
+    #: the factor gradients only (no extra read of ``G``); otherwise it checks ``G`` itself.
+    grad_nonfinite_propagates: ClassVar[bool] = False
+    #: State keys held as 0-dim int64 tensors on the weight's device (counters a step advances on
+    #: the device); an int from an older checkpoint is made one when it loads.
+    counter_keys: ClassVar[tuple[str, ...]] = ()
 
     def validate_options(self, group: Mapping[str, Any]) -> None:
         """Checks that involve several options of ``group`` (each option's own check has run).
@@ -133,14 +149,32 @@ class Projection(abc.ABC):
         return True, True
 
     def begin_step(
-        self, state: FactorState, group: Mapping[str, Any], A: Tensor, B: Tensor
+        self, state: FactorState, group: Mapping[str, Any], A: Tensor, B: Tensor, *, taken: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
         """Commit the step that :meth:`step_factors` announced (``A``, ``B`` are what it returned)
         and return the tensors the engine's Adam call updates in place: the stored factors, or
-        ``A`` and ``B`` themselves when nothing is stored. Called once per step taken, never for
-        a skipped step. Redrawing variants advance their counters and apply their moment rule
-        here. The default returns ``(A, B)``."""
+        ``A`` and ``B`` themselves when nothing is stored. Redrawing variants advance their
+        counters and apply their moment rule here.
+
+        ``taken`` is a 0-dim bool tensor on the factors' device: whether the step is taken. The
+        commit must then leave everything as it was where ``taken`` is false, without reading it
+        on the host (masked updates). ``None``: the step is taken (a variant that decides on the
+        host, :meth:`host_decides`, is only called for steps that are taken). The default
+        returns ``(A, B)``."""
         return A, B
+
+    def host_decides(self, state: FactorState, group: Mapping[str, Any]) -> bool:
+        """Whether this step's :meth:`begin_step` changes host-side state (ints, Python objects),
+        so that the engine must know on the host whether the step is taken (one host read of the
+        step's flags, before anything changes) and call :meth:`begin_step` only then. Read from
+        the host state alone (no device read). The default: true when the variant overrides
+        :meth:`begin_step`, false otherwise."""
+        return type(self).begin_step is not Projection.begin_step
+
+    def reads_grad_raw(self, state: FactorState, group: Mapping[str, Any]) -> bool:
+        """Whether this step reads ``G`` other than through :meth:`project` (an SVD of it in
+        :meth:`step_factors`): the engine then checks ``G`` itself for NaN/Inf. Default false."""
+        return False
 
     @abc.abstractmethod
     def project(self, grad: Tensor, A: Tensor, B: Tensor, *, row_offset: int = 0) -> tuple[Tensor, Tensor]:

@@ -75,6 +75,7 @@ from torch import Tensor
 from lora_optim import initial_factors
 from lora_optim.kernels import native_kernels
 from lora_optim.kernels.blocks import row_blocks
+from lora_optim.kernels.product import add_thin_product_
 from lora_optim.options import Option, choice, integer, optional
 from lora_optim.projections.registry import register_projection
 from lora_optim.projections.base import FactorChange, FactorState, Projection
@@ -247,10 +248,8 @@ def add_product_(target: Tensor, left: Tensor, right: Tensor, scale: float) -> N
     if kernels is not None and kernels.supports(target, left.dtype):
         kernels.add_lowrank_(target, left, right, scale)
         torch.autograd.graph.increment_version(target)  # as an in-place torch op would
-    elif target.dtype == left.dtype:
-        target.addmm_(left, right, alpha=scale)
     else:
-        target.add_(torch.mm(left, right), alpha=scale)
+        add_thin_product_(target, left, right, scale)
 
 
 def _check_init(name: str, value: Any) -> str:
@@ -275,6 +274,7 @@ class LoRAProjection(Projection):
     )
     accepts_low_precision_grad = True
     supports_row_sharding = True  # G·Bᵀ is row-local; Aᵀ·G of a row shard is a partial sum
+    grad_nonfinite_propagates = True  # every G_ij is multiplied by B_kj and A_ik: NaN stays NaN
 
     def init_state(
         self, weight: Tensor, rank: int, seed: int, factor_dtype: torch.dtype, group: Mapping[str, Any]
@@ -339,15 +339,23 @@ class LoRAProjection(Projection):
                                      seed=derive_seed(state[SEED], _GRADIENT_STREAM), dtype=A.dtype)
 
     def begin_step(
-        self, state: FactorState, group: Mapping[str, Any], A: Tensor, B: Tensor
+        self, state: FactorState, group: Mapping[str, Any], A: Tensor, B: Tensor, *, taken: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
-        """Store the factors of a gradient init (first step of ``init="gradient"``); return the
-        stored factors."""
+        """Store the factors of a gradient init (first step of ``init="gradient"``, decided on the
+        host: :meth:`host_decides`); return the stored factors."""
         if state.pop(GRADIENT_INIT_PENDING, 0):
             state[FACTOR_A].copy_(A)
             state[FACTOR_B].copy_(B)
             return state[FACTOR_A], state[FACTOR_B]
         return A, B
+
+    def host_decides(self, state: FactorState, group: Mapping[str, Any]) -> bool:
+        """True at the first step of ``init="gradient"`` only (it stores the factors of an SVD of ``G``)."""
+        return bool(state.get(GRADIENT_INIT_PENDING))
+
+    def reads_grad_raw(self, state: FactorState, group: Mapping[str, Any]) -> bool:
+        """True at the first step of ``init="gradient"`` only (an SVD of ``G``)."""
+        return bool(state.get(GRADIENT_INIT_PENDING))
 
     def set_factors_(self, state: FactorState, A: Tensor, B: Tensor, group: Mapping[str, Any]) -> None:
         """Replace the stored factors (a pending gradient init is dropped: the set factors are used)."""

@@ -11,20 +11,26 @@ the changes ``s·(A'B' − AB)`` are ever written, so ``W`` keeps everything lea
 draw starts a fresh low-rank subspace. With plain SGD one step moves ``W`` by
 ``−η s²(G BᵀB + A AᵀG) + O(η²)``, whose expectation is ``−2η s² G``: in the mean, full-rank SGD.
 
-Draw ``k`` of a parameter is a pure function of ``(param seed, k)``; nothing about the random
-stream is stored. With ``resample_every=1`` the factors are not stored either: each step's
-factors are that step's draw, regenerated from the seed (state is the moments alone). With a
-longer period the factors train between draws, so they are stored.
+Draw ``k`` of a parameter is a pure function of ``(param seed, k)`` (:func:`draw_factors`: a
+counter-based hash in torch ops, :func:`lora_optim.seeding.hash_normal`); nothing about the
+random stream is stored. With ``resample_every=1`` the factors are not stored either: each
+step's factors are that step's draw, regenerated from the seed (state is the moments alone).
+With a longer period the factors train between draws, so they are stored.
 
-The draw a step uses is fixed by :meth:`RandomProjection.step_factors` without side effects, and
-committed (draw counter, moment rule) by :meth:`RandomProjection.begin_step` only when the step
-is taken: a step skipped for a NaN/Inf gradient leaves the draws as they were, in every mode.
+The counters (``draws``, ``age``) are 0-dim int64 tensors on the weight's device, so the draw
+a step uses is chosen on the device (no host read, and a compiled step does not specialise on
+them). The draw is fixed by :meth:`RandomProjection.step_factors` without side effects, and
+committed (draw counter, moment rule) by :meth:`RandomProjection.begin_step` where the step is
+taken, masked on the device: a step skipped for a NaN/Inf gradient leaves the draws as they
+were, in every mode. With stored factors (``resample_every > 1``) every step makes the next
+draw and selects it with ``torch.where`` (``r·(out+in)`` numbers, no host read).
 :meth:`~lora_optim.LoRAAdam.set_factors` starts a new period of ``resample_every`` steps with
 the factors it sets.
 
 Options: ``resample_every`` (int ≥ 1, default 1) and ``moment_rule`` (``"keep"``,
 ``"reset"`` or ``"transport"``, see :mod:`lora_optim.moment_rules`).
-State: ``draws`` (number of draws made), ``age`` (steps taken on the current draw), and
+State: ``draws`` (number of draws made), ``age`` (steps taken on the current draw), both 0-dim
+int64 tensors, and
 ``A``, ``B`` when ``resample_every > 1``; shapes, ``rank`` and ``seed`` come from the state the
 optimizer keeps for every low-rank parameter.
 """
@@ -43,21 +49,31 @@ from lora_optim.options import Option, choice, integer
 from lora_optim.projections.registry import register_projection
 from lora_optim.projections.base import FactorState
 from lora_optim.projections.lora import LoRAProjection
-from lora_optim.seeding import derive_seed, gaussian
+from lora_optim.seeding import hash_normal, step_key
 from lora_optim.state_keys import AGE, DRAWS, EXP_AVG_A, EXP_AVG_B, FACTOR_A, FACTOR_B, GLOBAL_ROWS, RANK, ROW_OFFSET, SEED
 
 __all__ = ["RandomProjection", "draw_factors"]
 
 
 def draw_factors(
-    out_features: int, in_features: int, rank: int, seed: int, draw: int, *,
+    out_features: int, in_features: int, rank: int, seed: int, draw: int | Tensor, *,
     dtype: torch.dtype, device: torch.device,
 ) -> tuple[Tensor, Tensor]:
-    """Draw ``draw`` of a parameter with int ``seed``: ``A`` (out×r), ``B`` (r×in), entries ``N(0, 1/r)``."""
+    """Draw ``draw`` (an int, or a 0-dim int64 tensor on ``device``: no host read) of a parameter
+    with int ``seed``: ``A`` (out×r), ``B`` (r×in), entries ``N(0, 1/r)``.
+
+    The ``out·r + r·in`` numbers are :func:`~lora_optim.seeding.hash_normal` of the draw's key
+    :func:`~lora_optim.seeding.step_key` ``(seed, draw)``: ``A`` row-major first, then ``B``. Each
+    number depends on the seed, the draw and its position only, so every device and every code
+    path (eager, compiled, one draw or many) makes the same draw.
+    """
     std = 1.0 / math.sqrt(rank)
-    draw_seed = derive_seed(seed, draw)
-    A = gaussian((out_features, rank), std, derive_seed(draw_seed, 0), dtype=dtype, device=device)
-    B = gaussian((rank, in_features), std, derive_seed(draw_seed, 1), dtype=dtype, device=device)
+    if isinstance(draw, Tensor):
+        draw = draw.to(device=device, dtype=torch.int64)
+    values = hash_normal(out_features * rank + rank * in_features, step_key(seed, draw), dtype=torch.float64,
+                         device=device).mul_(std).to(dtype)
+    A = values[: out_features * rank].view(out_features, rank)
+    B = values[out_features * rank :].view(rank, in_features)
     return A, B
 
 
@@ -65,7 +81,8 @@ class _LazyDraw(Sequence):
     """The pair ``(A, B)`` of one draw, generated on first access: the moment rules that ignore
     the outgoing factors (``keep``, ``reset``) then cost no draw."""
 
-    def __init__(self, draw: Callable[[FactorState, int], tuple[Tensor, Tensor]], state: FactorState, index: int):
+    def __init__(self, draw: Callable[[FactorState, Tensor], tuple[Tensor, Tensor]], state: FactorState,
+                 index: Tensor):
         self._make = lambda: draw(state, index)  # shapes, rank and seed: fixed across a redraw
         self._factors: tuple[Tensor, Tensor] | None = None
 
@@ -83,6 +100,7 @@ class RandomProjection(LoRAProjection):
     """Random Gaussian factors, redrawn every ``resample_every`` steps (see module docstring)."""
 
     name = "random"
+    counter_keys = (DRAWS, AGE)
     options = (
         Option("resample_every", 1, integer(1), doc="steps per draw of the random factors"),
         Option("moment_rule", "keep", choice(tuple(MOMENT_RULES)), doc="what a redraw does to the moments"),
@@ -91,12 +109,14 @@ class RandomProjection(LoRAProjection):
     def init_state(
         self, weight: Tensor, rank: int, seed: int, factor_dtype: torch.dtype, group: Mapping[str, Any]
     ) -> FactorState:
-        """Draw 0 is the current draw; factors are stored only if ``resample_every > 1``."""
-        state: FactorState = {DRAWS: 1, AGE: 0}
+        """Draw 0 is the current draw; factors are stored only if ``resample_every > 1``. The
+        counters are 0-dim int64 tensors on the weight's device."""
+        counter = {"dtype": torch.int64, "device": weight.device}
+        state: FactorState = {DRAWS: torch.ones((), **counter), AGE: torch.zeros((), **counter)}
         if group["resample_every"] > 1:
             out_features, in_features = weight.shape
-            state[FACTOR_A], state[FACTOR_B] = draw_factors(
-                out_features, in_features, rank, seed, 0, dtype=factor_dtype, device=weight.device)
+            state[FACTOR_A], state[FACTOR_B] = (t.clone() for t in draw_factors(
+                out_features, in_features, rank, seed, 0, dtype=factor_dtype, device=weight.device))
         return state
 
     def first_step_norm_sq(self, out_features: int, in_features: int, rank: int) -> float:
@@ -108,7 +128,7 @@ class RandomProjection(LoRAProjection):
         return 2.0 * out_features * in_features
 
     @staticmethod
-    def _draw(state: FactorState, draw: int) -> tuple[Tensor, Tensor]:
+    def _draw(state: FactorState, draw: Tensor | int) -> tuple[Tensor, Tensor]:
         # Shapes, dtype and device come from the moments, which every low-rank state has. On a
         # row shard the whole A is drawn (the same numbers as one process) and this rank's rows kept.
         exp_avg_A, exp_avg_B = state[EXP_AVG_A], state[EXP_AVG_B]
@@ -119,49 +139,62 @@ class RandomProjection(LoRAProjection):
         return (A if rows == total else A[offset : offset + rows]), B
 
     @staticmethod
-    def _current_draw(state: FactorState) -> tuple[Tensor, Tensor]:
-        if FACTOR_A in state:
-            return state[FACTOR_A], state[FACTOR_B]
-        return RandomProjection._draw(state, state[DRAWS] - 1)
-
-    @staticmethod
-    def _due(state: FactorState, group: Mapping[str, Any]) -> bool:
+    def _due(state: FactorState, group: Mapping[str, Any]) -> Tensor:
+        """0-dim bool on the device: the steps taken on the current draw reached ``resample_every``."""
         return state[AGE] >= group["resample_every"]
 
     def current_factors(self, state: FactorState, group: Mapping[str, Any]) -> tuple[Tensor, Tensor]:
         """Stored factors, or (when not stored) the draw the next step will use."""
         if FACTOR_A not in state:
             return self.step_factors(state, group)
-        return self._current_draw(state)
+        return state[FACTOR_A], state[FACTOR_B]
 
     def step_factors(
         self, state: FactorState, group: Mapping[str, Any], grad: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
         """The draw the next step uses: the next draw if ``resample_every`` steps were taken on
-        the current one, else the current one (stored, or regenerated from the seed). Pure."""
-        if self._due(state, group):
-            return self._draw(state, state[DRAWS])
-        return self._current_draw(state)
+        the current one, else the current one (stored, or regenerated from the seed). Pure, and
+        decided on the device: the draw index is ``draws − 1 + [age ≥ resample_every]``; with
+        stored factors the next draw is made and selected with ``torch.where``."""
+        due = self._due(state, group)
+        if FACTOR_A not in state:
+            return self._draw(state, state[DRAWS] - 1 + due.to(torch.int64))
+        new_A, new_B = self._draw(state, state[DRAWS])
+        return torch.where(due, new_A, state[FACTOR_A]), torch.where(due, new_B, state[FACTOR_B])
+
+    def host_decides(self, state: FactorState, group: Mapping[str, Any]) -> bool:
+        """False: the redraw is committed on the device (see :meth:`begin_step`)."""
+        return False
+
+    def reads_grad_raw(self, state: FactorState, group: Mapping[str, Any]) -> bool:
+        """False: the factors never come from ``G``."""
+        return False
 
     def begin_step(
-        self, state: FactorState, group: Mapping[str, Any], A: Tensor, B: Tensor
+        self, state: FactorState, group: Mapping[str, Any], A: Tensor, B: Tensor, *, taken: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
         """Count the step on the current draw, or commit the redraw :meth:`step_factors`
         announced: advance the draw counter, apply the moment rule (from the outgoing draw,
-        regenerated only if the rule reads it) and store the new factors when they are stored."""
+        regenerated only if the rule reads it) and store the new factors when they are stored.
+        All on the device, masked by ``taken``: a skipped step changes nothing."""
+        due = self._due(state, group)
+        redraw = due if taken is None else due & taken
+        advance = torch.ones_like(state[AGE]) if taken is None else taken.to(torch.int64)
         stored = FACTOR_A in state
-        if not self._due(state, group):
-            state[AGE] += 1
-            return (state[FACTOR_A], state[FACTOR_B]) if stored else (A, B)
-        old: Sequence[Tensor] = (state[FACTOR_A], state[FACTOR_B]) if stored else _LazyDraw(
-            self._draw, state, state[DRAWS] - 1)
-        apply_moment_rule_(group["moment_rule"], state, old, (A, B))  # reads old before the copy below
-        state[DRAWS] += 1
-        state[AGE] = 1
+        if group["moment_rule"] != "keep":
+            old: Sequence[Tensor] = (state[FACTOR_A], state[FACTOR_B]) if stored else _LazyDraw(
+                self._draw, state, state[DRAWS] - 1)
+            apply_moment_rule_(group["moment_rule"], state, old, (A, B), where=redraw)  # reads old before the copy
+        state[DRAWS].add_(redraw.to(torch.int64))
+        state[AGE].copy_(torch.where(redraw, torch.ones_like(state[AGE]), state[AGE] + advance))
         if not stored:
             return A, B
-        state[FACTOR_A].copy_(A)
-        state[FACTOR_B].copy_(B)
+        if taken is None:
+            state[FACTOR_A].copy_(A)
+            state[FACTOR_B].copy_(B)
+        else:
+            state[FACTOR_A].copy_(torch.where(taken, A, state[FACTOR_A]))
+            state[FACTOR_B].copy_(torch.where(taken, B, state[FACTOR_B]))
         return state[FACTOR_A], state[FACTOR_B]
 
     def record_base_(self, state: FactorState, group: Mapping[str, Any]) -> None:
@@ -185,4 +218,4 @@ class RandomProjection(LoRAProjection):
                 "draws new factors, so there is nothing to set"
             )
         super().set_factors_(state, A, B, group)
-        state[AGE] = 0
+        state[AGE].zero_()

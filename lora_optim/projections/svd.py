@@ -103,6 +103,7 @@ class SVDProjection(Projection):
     """
 
     name = "svd"
+    grad_nonfinite_propagates = True  # P·G and G·Qᵀ: every G_ij meets a product with the basis
     options = (
         Option("refresh_every", 200, integer(1), doc="steps between refreshes of the svd basis"),
         Option("moment_rule", "keep", choice(tuple(MOMENT_RULES)), doc="what a redraw does to the moments"),
@@ -165,11 +166,25 @@ class SVDProjection(Projection):
             return basis, torch.zeros_like(B)
         return torch.zeros_like(A), basis
 
+    def host_decides(self, state: FactorState, group: Mapping[str, Any]) -> bool:
+        """True at a refresh (it stores a new basis and counts refreshes on the host)."""
+        return self._due(state, group)
+
+    def reads_grad_raw(self, state: FactorState, group: Mapping[str, Any]) -> bool:
+        """True at a refresh (an SVD of ``G``)."""
+        return self._due(state, group)
+
     def begin_step(
-        self, state: FactorState, group: Mapping[str, Any], A: Tensor, B: Tensor
+        self, state: FactorState, group: Mapping[str, Any], A: Tensor, B: Tensor, *, taken: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
         """Count the step on the current basis, or commit the refresh :meth:`step_factors`
-        computed: apply the moment rule from the outgoing factors, store the new ones."""
+        computed: apply the moment rule from the outgoing factors, store the new ones.
+
+        Between refreshes the count (``age``, a host int) counts the steps *attempted* on the
+        basis, a step skipped for a NaN/Inf included: whether a step is taken is known on the
+        device only, and the refresh must be scheduled on the host. A refresh itself is decided on
+        the host (:meth:`host_decides`), so a refresh whose step is skipped is made again at the
+        next step."""
         if not self._due(state, group):
             state[AGE] += 1
             return state[FACTOR_A], state[FACTOR_B]
