@@ -5,6 +5,7 @@ its full gradient, keeping Adam state only for the factors, without touching the
 """
 
 from lora_optim.activation import ActivationSide
+from lora_optim.divergence import DivergenceWarning, StepSizeReport
 from lora_optim.drift import DriftReport
 from lora_optim.grad_mode import GradMode
 from lora_optim.interop import export_peft_adapter, load_peft_adapter, unmerge_
@@ -39,6 +40,8 @@ __all__ = [
     "available_writers",
     "optimizer_state_bytes",
     "DriftReport",
+    "StepSizeReport",
+    "DivergenceWarning",
     "LearntChange",
     "NonFiniteGradientWarning",
     "NonFiniteGradientError",

@@ -16,7 +16,9 @@ additive formula. The expected weight seen through the probes is ``E_t = W₀X +
 * ``relative_to_weight = ‖W_t X − E_t‖ / ‖E_t‖``: how far ``W`` has drifted from where the
   steps put it (rounding in ``W``'s dtype, or changes made to ``W`` outside the optimizer);
 * ``relative_to_change = ‖(W_t − W₀)X − C_t‖ / ‖C_t‖``: the share of the intended change that
-  is missing or spurious (about 0.66 for bf16 ``nearest`` at lr 1e-3, see the docs).
+  is missing or spurious (about 0.66 for bf16 ``nearest`` at lr 1e-3, see the docs);
+* ``largest_step``: the divergence guard's largest ``s·‖ΔW‖/‖W₀‖`` of one step
+  (:mod:`lora_optim.divergence`), recorded without the probes.
 
 Cost per parameter: state ``k·(in + 2·out)`` fp64 numbers; per step, for ``lora``/``random``
 four products of inner size ``r`` with ``k`` columns (``additive``: two), in fp64; a report
@@ -33,7 +35,7 @@ from torch import Tensor
 from lora_optim.projections.base import FactorChange, Projection
 from lora_optim.seeding import derive_seed, seeded_generator
 from lora_optim.sparsity import masked_probe_delta
-from lora_optim.state_keys import DRIFT_CHANGE, DRIFT_KEYS, DRIFT_PROBES, DRIFT_REFERENCE
+from lora_optim.state_keys import DRIFT_CHANGE, DRIFT_KEYS, DRIFT_PROBES, DRIFT_REFERENCE, STEP_SIZE_LARGEST
 
 __all__ = ["DRIFT_KEYS", "DriftReport", "init_drift_state", "record_drift_step_", "measure_drift", "probe_weight"]
 
@@ -50,6 +52,9 @@ class DriftReport(NamedTuple):
     relative_to_change: float
     #: ``‖C‖``: the size of the intended change seen through the probes.
     change_norm: float
+    #: The divergence guard's largest relative step so far, ``s·‖ΔW‖/‖W₀‖`` of one step
+    #: (:mod:`lora_optim.divergence`); ``nan`` when the group has ``divergence_threshold=None``.
+    largest_step: float = float("nan")
 
 
 def probe_weight(weight: Tensor, probes: Tensor) -> Tensor:
@@ -97,6 +102,7 @@ def measure_drift(weight: Tensor, state: dict[str, Any]) -> DriftReport:
         relative_to_weight=_ratio(error, torch.linalg.norm(expected).item()),
         relative_to_change=_ratio(observed_change_error, change_norm),
         change_norm=change_norm,
+        largest_step=float(state[STEP_SIZE_LARGEST]) ** 0.5 if STEP_SIZE_LARGEST in state else float("nan"),
     )
 
 

@@ -21,7 +21,9 @@ reads a value back to the host unless a group asks for it, so a step can be comp
    kernel returns at once, so its factors and moments stay exactly as they were; and
    ``dA = A' − A`` for all factors;
 5. every matrix: the write ``W += s·(Δ(A', B') − Δ(A, B))`` by its write mode, with ``taken``
-   (a skipped parameter's change is exactly zero; the compensated mode also keeps its buffer).
+   (a skipped parameter's change is exactly zero; the compensated mode also keeps its buffer);
+   before it, per batch, the divergence guard's step sizes (:mod:`lora_optim.divergence`: a
+   fixed handful of ops, a skipped parameter masked out with ``taken``, no host read).
 
 A ``nonfinite="raise"`` group, and a projection whose commit changes host-side state this step
 (:meth:`Projection.host_decides`: an ``svd`` refresh, the first step of ``init="gradient"``),
@@ -55,13 +57,22 @@ import torch
 from torch import Tensor
 
 from lora_optim.distributed import all_reduce_sum_
+from lora_optim.divergence import record_step_sizes_
 from lora_optim.drift import record_drift_step_
 from lora_optim.matrix import as_matrix, writable_matrix
 from lora_optim.nonfinite import NonFiniteGradientError, finite_table
 from lora_optim.precision import WeightWriter
 from lora_optim.projections.base import FactorChange, Projection
 from lora_optim.sparsity import mask_grad, sparsity_mask
-from lora_optim.state_keys import DRIFT_CHANGE, EXP_AVG, EXP_AVG_SQ, MOMENT_KEYS, NONFINITE_SKIPS, STEP
+from lora_optim.state_keys import (
+    DRIFT_CHANGE,
+    EXP_AVG,
+    EXP_AVG_SQ,
+    MOMENT_KEYS,
+    NONFINITE_SKIPS,
+    STEP,
+    STEP_SIZE_REFERENCE,
+)
 from lora_optim.weight_change import weight_delta
 
 __all__ = [
@@ -722,6 +733,12 @@ def _prepare_lowrank(batch: LowRankBatch, flags: _Flags, taken_host: list[bool] 
 def _write_lowrank_(batch: LowRankBatch, flags: _Flags, positions: list[tuple[int | None, int | None]],
                     before: list[Tensor], deltas: list[Tensor]) -> None:
     projection = batch.projection
+    # The divergence guard, on the device: a skipped parameter records no step size (masked with
+    # its `taken` flag, no host read).
+    guarded = [index for index, item in enumerate(batch.items) if STEP_SIZE_REFERENCE in item.state]
+    record_step_sizes_(batch.scale, [batch.items[i].state for i in guarded], [batch.items[i].factors for i in guarded],
+                       [tuple(None if j is None else deltas[j] for j in positions[i]) for i in guarded],
+                       [flags.taken[i] for i in guarded])
     for index, (item, (index_A, index_B)) in enumerate(zip(batch.items, positions)):
         A, B = item.factors
         old_A, step_A = (A, torch.zeros_like(A)) if index_A is None else (before[index_A], deltas[index_A])

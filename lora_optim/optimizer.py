@@ -25,6 +25,16 @@ from torch.utils.hooks import RemovableHandle
 
 from lora_optim import accumulation, engine, initial_factors
 from lora_optim.checkpoint import check_loadable
+from lora_optim.divergence import (
+    DEFAULT_DIVERGENCE_THRESHOLD,
+    PendingStepSizes,
+    StepSizeReport,
+    check_step_sizes,
+    init_step_size_state,
+    is_check_step,
+    start_step_size_read,
+    step_size_report,
+)
 from lora_optim.distributed import LocalState, WholeState, all_reduce_sum_, is_dtensor, local, row_shard, shard_rows_
 from lora_optim.drift import DriftReport, init_drift_state, measure_drift, record_drift_step_
 from lora_optim.grad_mode import GradMode
@@ -57,7 +67,9 @@ from lora_optim.state_keys import (
     ROW_SHARDED_KEYS,
     SEED,
     STEP,
+    STEP_SIZE_REFERENCE,
 )
+from lora_optim.update_scale import update_multiplier
 from lora_optim.weight_change import weight_delta
 
 __all__ = ["LoRAAdam"]
@@ -121,6 +133,19 @@ class LoRAAdam(torch.optim.Optimizer):
             before anything changes (the one mode that reads the host in every step).
         drift_probes: number of random probe vectors of the drift check (:mod:`lora_optim.drift`,
             :meth:`drift`); ``0`` (default) turns it off at no cost.
+        divergence_threshold: the divergence guard (:mod:`lora_optim.divergence`): a
+            :class:`~lora_optim.divergence.DivergenceWarning` when a step moves a low-rank weight
+            by more than this share of its norm, ``s·‖ΔW‖/‖W₀‖`` (measured on the device, a
+            skipped step records nothing; checked after steps 1, 2, 4, …, 512, then every 512,
+            with no host sync in any step: on the CPU from memory, on CUDA by a copy to the host
+            that does not block, warned at a later step once it has landed; a compiled loop
+            calls :meth:`check_step_sizes`, the one blocking read); ``None`` turns it off (no
+            state, no work). Default ``0.01``, a bound from the size of a step.
+        update_scale: ``"plain"`` (default: ``s`` as above) or ``"matched"``: ``s`` of each low-rank
+            matrix times ``c_P = √(n_lora/n_P)``, so that the expected ``‖ΔW‖_F`` of the first
+            step is ``lora``'s for every projection at the same ``lr`` (:mod:`lora_optim.update_scale`:
+            ``c = 1`` for ``lora``, ``√(r/(6·in))`` for ``random`` and ``additive``,
+            ``√(out/(3·max(out, in)))`` for ``svd``). :meth:`factor_scale` includes it.
         preserve_sparsity: keep every zero of each low-rank weight exactly zero (LoRS): train
             ``W = W₀ + s·ΔW ⊙ [W₀ ≠ 0]``, with the mask stored packed, 1 bit per weight
             (:mod:`lora_optim.sparsity`). Densely trained parameters (vectors, ``rank=None``
@@ -175,6 +200,8 @@ class LoRAAdam(torch.optim.Optimizer):
         precision: str | None = None,
         nonfinite: str = "skip",
         drift_probes: int = 0,
+        divergence_threshold: float | None = DEFAULT_DIVERGENCE_THRESHOLD,
+        update_scale: str = "plain",
         preserve_sparsity: bool = False,
         max_grad_norm: float | None = None,
         loraplus_lr_ratio: float = 1.0,
@@ -185,7 +212,8 @@ class LoRAAdam(torch.optim.Optimizer):
         check_option_names(projection_options, where="LoRAAdam")
         common = dict(lr=lr, rank=rank, alpha=alpha, projection=projection, betas=betas, eps=eps,
                       weight_decay=weight_decay, seed=seed, precision=precision, nonfinite=nonfinite,
-                      drift_probes=drift_probes, preserve_sparsity=preserve_sparsity, max_grad_norm=max_grad_norm,
+                      drift_probes=drift_probes, divergence_threshold=divergence_threshold, update_scale=update_scale,
+                      preserve_sparsity=preserve_sparsity, max_grad_norm=max_grad_norm,
                       loraplus_lr_ratio=loraplus_lr_ratio, use_rslora=use_rslora,
                       keep_initial_factors=keep_initial_factors)
         common = {name: COMMON_OPTIONS[name].validate(value) for name, value in common.items()}
@@ -193,6 +221,9 @@ class LoRAAdam(torch.optim.Optimizer):
         projection_options = {name: declared[name][0].validate(value) for name, value in projection_options.items()}
         self._grad_modes: OrderedDict[int, GradMode] = OrderedDict()  # weak-referenceable, for the handles
         self._index: dict[int, tuple[int, int, int]] = {}
+        self._steps_called = 0  # host count of eager step() calls: when the divergence guard reads its values
+        self._divergence_warned: set[str] = set()
+        self._step_sizes_pending: PendingStepSizes | None = None  # a guard read on its way to the host
         # Skip counts already reported by a warning, by id of the count tensor (a cache of what the
         # host has read: not state).
         self._skips_seen: dict[int, int] = {}
@@ -265,6 +296,9 @@ class LoRAAdam(torch.optim.Optimizer):
         super().__setstate__(state)
         self.__dict__.setdefault("_grad_modes", OrderedDict())
         self.__dict__.setdefault("_index", {})
+        self.__dict__.setdefault("_steps_called", 0)
+        self.__dict__.setdefault("_divergence_warned", set())
+        self.__dict__.setdefault("_step_sizes_pending", None)
         self.__dict__.setdefault("_skips_seen", {})
         self.__dict__.setdefault("_state_made", False)
         # Back-fill options added after a checkpoint was written.
@@ -352,6 +386,8 @@ class LoRAAdam(torch.optim.Optimizer):
                     fresh.update(init_drift_state(weight, group["drift_probes"], seed))
                 if shard is not None:
                     shard_rows_(fresh, ROW_SHARDED_KEYS + projection.row_sharded_keys, shard)
+                if group["divergence_threshold"] is not None:  # of this rank's rows on a shard
+                    fresh.update(init_step_size_state(as_matrix(local(p).detach()), projection, rank, dtype))
         state.update(fresh)
         return state
 
@@ -375,11 +411,20 @@ class LoRAAdam(torch.optim.Optimizer):
         return group["precision"] if group["precision"] is not None else default_precision(p.dtype)
 
     @staticmethod
-    def _scale(group: Mapping[str, Any]) -> float:
+    def _scale(group: Mapping[str, Any], p: Tensor) -> float:
+        """``s`` of the low-rank parameter ``p`` in ``group``: ``alpha / rank`` (``/ √rank`` with
+        ``use_rslora``), times ``c_P`` of its matrix shape with ``update_scale="matched"``
+        (:mod:`lora_optim.update_scale`; global shape, effective rank ``min(rank, out, in)``)."""
         alpha = group["alpha"] if group["alpha"] is not None else group["rank"]
         if group.get("use_rslora", False):
-            return float(alpha) / math.sqrt(group["rank"])
-        return float(alpha) / group["rank"]
+            scale = float(alpha) / math.sqrt(group["rank"])
+        else:
+            scale = float(alpha) / group["rank"]
+        if group.get("update_scale", "plain") == "matched":
+            out_features, in_features = matrix_shape(tuple(p.shape))
+            rank = min(group["rank"], out_features, in_features)
+            scale *= update_multiplier(get_projection(group["projection"]), out_features, in_features, rank)
+        return scale
 
     @staticmethod
     def _hyper(group: Mapping[str, Any]) -> engine.AdamHyper:
@@ -526,11 +571,12 @@ class LoRAAdam(torch.optim.Optimizer):
                     rows = slice(shard.row_offset, shard.row_offset + shard.local_rows)
                     sums = (sums[0][rows], sums[1])
                 factors = view[MOMENT_KEYS["A"][0]]
-                key = (group_index, factors.device, factors.dtype)
+                scale = self._scale(group, p)  # per matrix with update_scale="matched": one batch per scale
+                key = (group_index, factors.device, factors.dtype, scale)
                 batch = lowrank.get(key)
                 if batch is None:
                     batch = lowrank[key] = engine.LowRankBatch(
-                        projection, group, self._scale(group), hyper, max_grad_norm=group["max_grad_norm"],
+                        projection, group, scale, hyper, max_grad_norm=group["max_grad_norm"],
                         lr_ratio_A=group["loraplus_lr_ratio"])
                 batch.items.append(engine.LowRankItem(
                     param=local(p), state=view, name=name, policy=group["nonfinite"],
@@ -606,6 +652,7 @@ class LoRAAdam(torch.optim.Optimizer):
         for state in consumed:  # a compiled step keeps the sum tensors: the same ones at every call
             accumulation.consume_(state, keep=torch.compiler.is_compiling())
         self._warn_skips(report)
+        self._guard_after_step()
         return loss
 
     def _warn_skips(self, report: engine.StepReport) -> None:
@@ -626,6 +673,25 @@ class LoRAAdam(torch.optim.Optimizer):
             # Same text every time for a parameter, so the default filter shows it once per
             # parameter; nonfinite_skips() counts them all.
             warn_skipped(f"LoRAAdam skipped a step of {name}: {cause} (count: opt.nonfinite_skips(p))")
+
+    def _guard_after_step(self) -> None:
+        """The divergence guard's host side after an eager step (:mod:`lora_optim.divergence`): warn
+        from a read of an earlier check step that has reached the host (no wait), and after steps
+        1, 2, 4, …, 512 and every 512th start a new read: a memory read where the values live on
+        the CPU, else a copy to the host that does not block (pinned memory and an event on CUDA).
+        No host sync in any step; nothing inside a compiled step or a CUDA graph capture (the
+        loop calls :meth:`check_step_sizes` itself)."""
+        if torch.compiler.is_compiling() or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
+            return
+        self._steps_called += 1
+        pending = self._step_sizes_pending
+        if pending is not None and pending.finish(self._divergence_warned):
+            self._step_sizes_pending = None
+        if is_check_step(self._steps_called):
+            entries = self._guard_entries()
+            if entries:
+                started = start_step_size_read(entries)
+                self._step_sizes_pending = started if not started.finish(self._divergence_warned) else None
 
     def _report_skips(self) -> None:
         """Read every skip count (one host read per device) and warn for each parameter skipped
@@ -654,8 +720,11 @@ class LoRAAdam(torch.optim.Optimizer):
 
     def state_dict(self) -> dict[str, Any]:
         """The optimizer's state dict (``torch.optim.Optimizer.state_dict``), after reporting the
-        skips no warning has named yet (one host read of the skip counts)."""
+        skips no warning has named yet (one host read of the skip counts) and the divergence
+        guard's check still on its way to the host (:meth:`check_step_sizes`, if one is)."""
         self._report_skips()
+        if self._step_sizes_pending is not None:
+            self.check_step_sizes()
         return super().state_dict()
 
     @staticmethod
@@ -754,7 +823,7 @@ class LoRAAdam(torch.optim.Optimizer):
                               change: FactorChange) -> None:
         """Write ``s·(Δ(A', B') − Δ(A, B))`` of ``change`` into ``W`` as a step does: masked in a
         ``preserve_sparsity`` group, recorded in the drift probes, through the group's write mode."""
-        scale = self._scale(group)
+        scale = self._scale(group, p)
         mask = sparsity_mask(state, group)
         if DRIFT_CHANGE in state:
             record_drift_step_(state, projection, change, scale, mask)
@@ -827,7 +896,7 @@ class LoRAAdam(torch.optim.Optimizer):
         if group["projection"] != "lora":
             raise ValueError(f"merge_factors: {self._name(p)} is trained with projection {group['projection']!r}; "
                              "an adapter's factors (W = W_base + s·A·B) continue as projection='lora'")
-        current = learnt_change_of(projection, state, group, self._scale(group))
+        current = learnt_change_of(projection, state, group, self._scale(group, p))
         if current.factors is None:
             raise ValueError(f"merge_factors: the change of {self._name(p)} since its base is unknown, so W cannot be "
                              f"set to W_base + s·A·B: {current.unknown}")
@@ -847,13 +916,14 @@ class LoRAAdam(torch.optim.Optimizer):
         self._write_factor_change_(p, group, state, projection, change)
 
     def factor_scale(self, p: Tensor) -> float:
-        """The scale ``s`` of the low-rank parameter ``p``'s group: ``alpha / rank``, or
-        ``alpha / √rank`` with ``use_rslora`` (``rank`` as configured, even where a small matrix
-        clips it). ``ValueError`` for a densely trained parameter."""
+        """The scale ``s`` of the low-rank parameter ``p``: ``alpha / rank``, or ``alpha / √rank``
+        with ``use_rslora`` (``rank`` as configured, even where a small matrix clips it), times
+        ``c_P`` of ``p``'s shape in a group with ``update_scale="matched"``
+        (:mod:`lora_optim.update_scale`). ``ValueError`` for a densely trained parameter."""
         group = self._group_of(p)
         if not self._trains_low_rank(p, group):
             raise ValueError(f"factor_scale: {self._name(p)} is trained by plain AdamW; it has no factors")
-        return self._scale(group)
+        return self._scale(group, p)
 
     def learnt_change(self, p: Tensor) -> LearntChange:
         """``W − W_base`` of the low-rank parameter ``p``: ``(s·L·R) ⊙ M`` with its factors, mask and
@@ -862,7 +932,7 @@ class LoRAAdam(torch.optim.Optimizer):
         Creates the state if ``p`` has not been stepped. ``ValueError`` for densely trained
         parameters."""
         group, state, projection = self._low_rank_target(p, "learnt_change")
-        return learnt_change_of(projection, state, group, self._scale(group))
+        return learnt_change_of(projection, state, group, self._scale(group, p))
 
     def initial_factors(self, p: Tensor) -> tuple[Tensor, Tensor] | None:
         """Copies of factors ``(A₀, B₀)`` whose change equals the base's (:mod:`lora_optim.initial_factors`):
@@ -934,6 +1004,36 @@ class LoRAAdam(torch.optim.Optimizer):
             if self._trains_low_rank(p, group) and group["drift_probes"]
         }
 
+    def _guarded(self) -> list[tuple[int, Tensor, dict[str, Any]]]:
+        """``(index, p, group)`` of every low-rank parameter with guard state."""
+        params = [(p, group) for group in self.param_groups for p in group["params"]]
+        return [(index, p, group) for index, (p, group) in enumerate(params)
+                if self._trains_low_rank(p, group) and STEP_SIZE_REFERENCE in self.state.get(p, {})]
+
+    def step_size_report(self) -> dict[int, StepSizeReport]:
+        """The divergence guard's values (:mod:`lora_optim.divergence`) of every low-rank parameter
+        that has them, keyed by the parameter's index in the optimizer: the largest and the latest
+        relative step ``s·‖ΔW‖/‖W₀‖`` and the group's ``divergence_threshold``. One host read per
+        parameter."""
+        return {index: step_size_report(self.state[p], group["divergence_threshold"])
+                for index, p, group in self._guarded()}
+
+    def _guard_entries(self) -> list[tuple[str, dict[str, Any], float]]:
+        return [(self._name(p), self.state[p], group["divergence_threshold"])
+                for _, p, group in self._guarded() if group["divergence_threshold"] is not None]
+
+    def check_step_sizes(self) -> list[str]:
+        """Read the divergence guard's largest relative steps now (one host read per device: a sync
+        on an accelerator) and warn (:class:`~lora_optim.divergence.DivergenceWarning`, once per
+        parameter) for those above their group's ``divergence_threshold``; returns their names.
+
+        ``step()`` checks by itself without a sync (after steps 1, 2, 4, …, 512 and every 512th it
+        starts a copy to the host that does not block, and warns at a later step once the copy
+        has landed; on the CPU at once), except inside ``torch.compile`` or a CUDA graph: a
+        compiled training loop calls this itself, outside the compiled function."""
+        self._step_sizes_pending = None  # superseded by this read
+        return check_step_sizes(self._guard_entries(), self._divergence_warned)
+
     def nonfinite_skips(self, p: Tensor | None = None) -> int:
         """Steps skipped because of a NaN/Inf gradient or state: for parameter ``p``, or in total.
         The counts are 0-dim int64 tensors in the optimizer state (``"nonfinite_skips"``, advanced
@@ -997,6 +1097,12 @@ class LoRAAdam(torch.optim.Optimizer):
                 state[STEP] = torch.tensor(float(step), dtype=torch.float32, device=p.device)
             elif isinstance(step, Tensor):
                 state[STEP] = step.to(dtype=torch.float32)
+            group = self._group_of(p)
+            if (group["divergence_threshold"] is not None and self._trains_low_rank(p, group)
+                    and STEP_SIZE_REFERENCE not in state and RANK in state and row_shard(p) is None):
+                # A checkpoint without the divergence guard's state: measured from the weight as loaded.
+                state.update(init_step_size_state(as_matrix(p.detach()), get_projection(group["projection"]),
+                                                  state[RANK], state[MOMENT_KEYS["A"][0]].dtype))
             if "accumulated_pieces" in state:  # the format before the accumulation status
                 pieces = state.pop("accumulated_pieces")
                 if pieces and ACCUMULATED_GRAD_A in state:

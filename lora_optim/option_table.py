@@ -14,10 +14,12 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from lora_optim.divergence import DEFAULT_DIVERGENCE_THRESHOLD
 from lora_optim.nonfinite import NONFINITE_POLICIES
 from lora_optim.options import Option, beta_pair, boolean, choice, integer, learning_rate, optional, real
 from lora_optim.precision import available_writers
 from lora_optim.projections import available_projections, get_projection, projection_options
+from lora_optim.update_scale import UPDATE_SCALES, declares_first_step
 
 __all__ = ["COMMON_OPTIONS", "STRUCTURAL_OPTIONS", "all_option_defaults", "validate_group", "check_option_names"]
 
@@ -38,6 +40,12 @@ COMMON_OPTIONS: Mapping[str, Option] = {
                doc="write mode into W; None picks one by the weight's dtype"),
         Option("nonfinite", "skip", choice(NONFINITE_POLICIES), doc="what a NaN/Inf gradient does"),
         Option("drift_probes", 0, integer(0), structural=True, doc="probe vectors of the drift check (0: off)"),
+        # issue 19 (lora_optim.divergence): warn when a step moves a weight by more than this share of its norm.
+        Option("divergence_threshold", DEFAULT_DIVERGENCE_THRESHOLD, optional(real(0.0, inclusive=False)),
+               doc="warn when a step's s·‖ΔW‖/‖W₀‖ exceeds this (None: no guard, no state)"),
+        # issue 19 (lora_optim.update_scale): one lr for every projection.
+        Option("update_scale", "plain", choice(UPDATE_SCALES),
+               doc="'matched': s times c_P, so that the first step's expected ‖ΔW‖ equals lora's"),
         # issue 11 (lora_optim.sparsity): keep every zero of W exactly zero (a stored mask in the state).
         Option("preserve_sparsity", False, boolean, structural=True,
                doc="keep the zeros of W exactly zero: W = W0 + s·ΔW ⊙ [W0 != 0] (LoRS)"),
@@ -94,6 +102,9 @@ def validate_group(group: dict[str, Any], explicit: Iterable[str]) -> None:
             )
     for name, option in own.items():
         normalised[name] = option.validate(group.get(name, option.default))
+    if normalised["update_scale"] == "matched" and not declares_first_step(projection):
+        raise ValueError(f"Invalid option update_scale='matched' for projection {projection.name!r}: it does not derive "
+                         "its first step (Projection.first_step_norm_sq); use update_scale='plain'")
     projection.validate_options({**group, **normalised})
     for name in others:
         if name not in own:

@@ -17,7 +17,8 @@ Low-rank parameters:
     projection's own keys (e.g. :data:`DRAWS`, :data:`AGE` for ``random``), the sparsity mask
     (:data:`SPARSITY_MASK`, groups with ``preserve_sparsity=True``), the write mode's keys
     (:data:`WEIGHT_COMPENSATION`, :data:`ROUNDING_SEED`, :data:`ROUNDING_DRAWS`), the drift
-    probe (:data:`DRIFT_KEYS`), the record of the initial factors (:data:`INITIAL_KEYS`) and,
+    probe (:data:`DRIFT_KEYS`), the divergence guard (:data:`STEP_SIZE_KEYS`), the record of the
+    initial factors (:data:`INITIAL_KEYS`) and,
     between a backward and ``step()`` in the per-layer and activation-side modes, the
     projected-gradient sums (:data:`ACCUMULATOR_KEYS`).
 """
@@ -61,6 +62,10 @@ __all__ = [
     "INITIAL_A",
     "INITIAL_B",
     "INITIAL_KEYS",
+    "STEP_SIZE_REFERENCE",
+    "STEP_SIZE_LARGEST",
+    "STEP_SIZE_LAST",
+    "STEP_SIZE_KEYS",
 ]
 
 #: Adam updates taken (0-dim float32 tensor on the parameter's device).
@@ -113,6 +118,12 @@ ACCUMULATOR_KEYS = (ACCUMULATED_GRAD_A, ACCUMULATED_GRAD_B, ACCUMULATION)
 #: (absent: unknown) and, with ``keep_initial_factors``, copies of ``A₀`` and ``B₀`` (factor dtype).
 INITIAL_FACTORS, INITIAL_A, INITIAL_B = "initial_factors", "initial_A", "initial_B"
 INITIAL_KEYS = (INITIAL_FACTORS, INITIAL_A, INITIAL_B)
+
+#: The divergence guard (:mod:`lora_optim.divergence`): the reference of the step-size estimate
+#: (``(4,)``: the projection's coefficients over ``‖W₀‖_F²``), and the squares of the largest and of
+#: the latest relative step ``s·‖ΔW‖/‖W₀‖`` (0-dim), in the factor dtype on the parameter's device.
+STEP_SIZE_REFERENCE, STEP_SIZE_LARGEST, STEP_SIZE_LAST = "step_size_reference", "step_size_largest", "step_size_last"
+STEP_SIZE_KEYS = (STEP_SIZE_REFERENCE, STEP_SIZE_LARGEST, STEP_SIZE_LAST)
 
 #: Keys of tensors with one row per row of ``W``: sharded with ``W`` when it is sharded by rows
 #: (FSDP2); a projection adds its own in ``Projection.row_sharded_keys``.

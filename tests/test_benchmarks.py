@@ -40,6 +40,7 @@ RUNS = {
     "communication_estimate": ([], "communication_estimate.md"),
     "llm": (["--quick", "--rounds", "1"], "llm.md"),
     "write_modes": (["--quick"], "write_modes.md"),
+    "projection_study": (["--quick"], "projection_study.md"),
 }
 
 

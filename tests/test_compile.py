@@ -27,7 +27,7 @@ from torch import nn
 from torch._dynamo.testing import CompileCounter
 
 from lora_optim import LoRAAdam, NonFiniteGradientWarning
-from lora_optim.state_keys import ACCUMULATOR_KEYS
+from lora_optim.state_keys import ACCUMULATOR_KEYS, STEP_SIZE_KEYS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -149,7 +149,13 @@ def _assert_equal_runs(eager, compiled, dtype):
             if isinstance(value, torch.Tensor) and value.is_floating_point():
                 if value.dtype == torch.bfloat16:  # the compensation buffer: compared with W above
                     continue
-                assert _rel(other, value) <= max(tolerance, 1e-5 if dtype == torch.bfloat16 else 0), (key, _rel(other, value))
+                bound = max(tolerance, 1e-5 if dtype == torch.bfloat16 else 0)
+                if key in STEP_SIZE_KEYS[1:]:
+                    # The divergence guard's values are norms of the factor steps dA = A' − A: the
+                    # rounding of A, amplified by |A|/|dA| (measured 3e-6 in fp32 for random with
+                    # transport, per-layer); a diagnostic, compared to 100 times the tolerance.
+                    bound *= 100
+                assert _rel(other, value) <= bound, (key, _rel(other, value))
             elif isinstance(value, torch.Tensor):
                 assert torch.equal(value, other), key
             else:

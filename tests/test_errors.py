@@ -72,7 +72,11 @@ BAD_OPTIONS = [
     (dict(resample_every=2), ValueError, r"resample_every.*random"),
     (dict(projection="random", init="bogus"), ValueError, r"init.*'bogus'"),
     (dict(projection="random", init="symmetric"), ValueError, r"init.*lora"),
-    (dict(projection="additive", moment_rule="keep"), ValueError, r"moment_rule.*random"),
+    # (additive has its own moment_rule since its index maps can be redrawn: issue 19)
+    (dict(projection="additive", refresh_every=5), ValueError, r"refresh_every.*svd"),
+    (dict(remap_every=2), ValueError, r"remap_every.*additive"),
+    (dict(projection="additive", remap_every=-1), ValueError, r"remap_every.*-1"),
+    (dict(update_scale="mup"), ValueError, r"update_scale.*'mup'"),
 ]
 
 

@@ -27,6 +27,9 @@ from lora_optim.weight_change import weight_delta
 
 LOW_PRECISION = [torch.bfloat16, torch.float16]
 
+#: The divergence guard's state per low-rank matrix: 6 fp32 numbers (lora_optim.divergence).
+GUARD_BYTES = 6 * 4
+
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: thread hand-offs only cost time
 
@@ -289,7 +292,8 @@ def test_state_bytes_per_mode(precision):
     for key in ("A", "B", "exp_avg_A", "exp_avg_sq_A", "exp_avg_B", "exp_avg_sq_B"):
         assert state[key].dtype == torch.float32
     extra = {"nearest": 0, "stochastic": 8, "compensated": out * inn * 2}[precision]  # stochastic: its write count
-    assert optimizer_state_bytes(opt) == 3 * rank * (out + inn) * 4 + extra + 4 + 8  # + the step and skip counts
+    # + the step and skip counts, the divergence guard
+    assert optimizer_state_bytes(opt) == 3 * rank * (out + inn) * 4 + extra + 4 + 8 + GUARD_BYTES
 
 
 class _GivenDelta:
@@ -466,10 +470,11 @@ def test_drift_is_off_by_default_and_costs_nothing():
     opt = LoRAAdam([weight], rank=4)
     opt.step()
     assert not any(key.startswith("drift") for key in opt.state[weight])
-    assert optimizer_state_bytes(opt) == 3 * 4 * (30 + 20) * 4 + 4 + 8  # + the step and skip counts
+    # + the step and skip counts, the guard
+    assert optimizer_state_bytes(opt) == 3 * 4 * (30 + 20) * 4 + 4 + 8 + GUARD_BYTES
     with pytest.raises(ValueError, match="drift_probes=0"):
         opt.drift(weight)
     assert opt.drift_report() == {}
     probed = LoRAAdam([weight], rank=4, drift_probes=3)
     probed.step()
-    assert optimizer_state_bytes(probed) == 3 * 4 * (30 + 20) * 4 + 4 + 8 + 3 * (20 + 2 * 30) * 8
+    assert optimizer_state_bytes(probed) == 3 * 4 * (30 + 20) * 4 + 4 + 8 + GUARD_BYTES + 3 * (20 + 2 * 30) * 8

@@ -273,4 +273,4 @@ def test_state_bytes():
                        for k in ("A", "B", "exp_avg_A", "exp_avg_sq_A", "exp_avg_B", "exp_avg_sq_B"))
     assert factor_bytes == 3 * 4 * (48 + 20) * 4
     assert not state["exp_avg_B"].any() and not state["exp_avg_sq_B"].any()  # right side: B is the basis
-    assert optimizer_state_bytes(opt) == factor_bytes + 4 + 8  # + the step and skip counts
+    assert optimizer_state_bytes(opt) == factor_bytes + 4 + 8 + 6 * 4  # + the step and skip counts, the guard

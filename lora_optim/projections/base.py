@@ -237,6 +237,39 @@ class Projection(abc.ABC):
         self.add_delta_(buffer, wide, scale)
         return buffer @ probes
 
+    def step_size_coefficients(self, out_features: int, in_features: int, rank: int) -> tuple[float, float, float, float]:
+        r"""``(a₀, a₁, b₀, b₁)`` of the divergence guard's estimate of one step's change
+        (:mod:`lora_optim.divergence`), from the squared Frobenius norms of the factor steps and
+        of the factors after the step:
+
+        .. math::
+
+            \lVert \Delta(A', B') - \Delta(A, B) \rVert_F^2 \approx
+            \lVert dA \rVert^2 (a_0 + a_1 \lVert B' \rVert^2) + \lVert dB \rVert^2 (b_0 + b_1 \lVert A' \rVert^2).
+
+        The default, ``(0, 1/r, 0, 1/r)``, is the product form ``A·B``: ``A'B' − AB = dA·B + A'·dB``
+        and ``‖dA·B‖_F² = ‖dA‖_F²‖B‖_F²/r`` when the rows of ``B`` are orthogonal with equal norms
+        (Gaussian draws, LoRA's init and an orthonormal basis are at or near it); the cross term
+        ``2⟨dA·B, A'·dB⟩`` is left out. Called once per parameter when its guard state is made.
+        """
+        return 0.0, 1.0 / rank, 0.0, 1.0 / rank
+
+    def first_step_norm_sq(self, out_features: int, in_features: int, rank: int) -> float | None:
+        r"""The expected ``‖ΔW₁‖_F² / (s·η)²`` of the first step from this projection's default
+        init (``η`` the learning rate, ``rank`` the effective rank), for a gradient ``G`` in general
+        position: what ``update_scale="matched"`` equalises across projections
+        (:mod:`lora_optim.update_scale`).
+
+        Adam's first step moves every entry of a trained factor whose gradient is non-zero by
+        exactly ``η`` (``m̂/√v̂ = g/|g|``, up to ``ε``). For the product form ``ΔW = s·A·B`` the
+        first change is ``s·(dA·B₀ + A₀·dB)`` (plus ``s·dA·dB``, of relative size ``η²r``), and
+        for independent signs ``E‖dA·B₀‖_F² = η²·out·‖B₀‖_F²`` and ``E‖A₀·dB‖_F² = η²·in·‖A₀‖_F²``.
+
+        ``None`` (the default): not derived; ``update_scale="matched"`` then refuses the projection
+        with a ``ValueError``. A pure function of the shapes; called when a step's scale is formed.
+        """
+        return None
+
     def set_factors_(self, state: FactorState, A: Tensor, B: Tensor, group: Mapping[str, Any]) -> None:
         """Replace the stored factors by copies of ``A`` and ``B`` (shapes and dtype already made
         to match). Variants that store no factors raise ``ValueError`` saying why."""

@@ -306,6 +306,14 @@ class LoRAProjection(Projection):
                                 keep=group.get("keep_initial_factors", False))
         return state
 
+    def first_step_norm_sq(self, out_features: int, in_features: int, rank: int) -> float:
+        """``out·r/3``, from the ``"peft"`` init (the reference of ``update_scale="matched"``,
+        :mod:`lora_optim.update_scale`): ``A₀ = 0`` gives ``B`` a zero gradient, so only ``A``
+        moves, ``ΔW₁ = s·dA·B₀`` with ``dA = ±η``, and ``E‖dA·B₀‖_F² = η²·out·E‖B₀‖_F²`` with
+        ``E‖B₀‖_F² = r·in·(1/√in)²/3 = r/3`` (``U(−1/√in, 1/√in)`` entries). The other inits keep
+        this value: ``lora`` is the reference, its multiplier is 1 whatever the init."""
+        return out_features * rank / 3.0
+
     def current_factors(self, state: FactorState, group: Mapping[str, Any]) -> tuple[Tensor, Tensor]:
         """The stored ``(A, B)`` (zeros before the first step of ``init="gradient"``)."""
         return state[FACTOR_A], state[FACTOR_B]

@@ -119,6 +119,14 @@ class RandomProjection(LoRAProjection):
                 out_features, in_features, rank, seed, 0, dtype=factor_dtype, device=weight.device))
         return state
 
+    def first_step_norm_sq(self, out_features: int, in_features: int, rank: int) -> float:
+        """``2·out·in``: both factors train from a Gaussian draw with ``E‖A₀‖_F² = out`` and
+        ``E‖B₀‖_F² = in`` (entries ``N(0, 1/r)``), so ``E‖dA·B₀‖_F² = η²·out·in`` and
+        ``E‖A₀·dB‖_F² = η²·in·out`` (:meth:`Projection.first_step_norm_sq`); the term ``s·dA·dB``
+        (relative size ``η²·r``) and the correlation of the two signs (relative ``≈ (2/π)(r−1)/in``)
+        are left out."""
+        return 2.0 * out_features * in_features
+
     @staticmethod
     def _draw(state: FactorState, draw: Tensor | int) -> tuple[Tensor, Tensor]:
         # Shapes, dtype and device come from the moments, which every low-rank state has. On a

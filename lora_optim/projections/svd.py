@@ -126,6 +126,12 @@ class SVDProjection(Projection):
     def _due(state: FactorState, group: Mapping[str, Any]) -> bool:
         return state[REFRESHES] == 0 or state[AGE] >= group["refresh_every"]
 
+    def first_step_norm_sq(self, out_features: int, in_features: int, rank: int) -> float:
+        """``r·max(out, in)``, exactly: the trained factor (``max(out, in)×r``, :func:`side_of`) moves
+        by ``±η`` per entry and the frozen basis is orthonormal, so ``‖dA·Q‖_F = ‖dA‖_F`` (right)
+        and ``‖P·dB‖_F = ‖dB‖_F`` (left)."""
+        return float(rank * max(out_features, in_features))
+
     def current_factors(self, state: FactorState, group: Mapping[str, Any]) -> tuple[Tensor, Tensor]:
         """The stored ``(A, B)``: the basis and the change trained on it since the last refresh
         (zeros before the first step)."""
