@@ -28,10 +28,15 @@ number of matrices (fourteen kernel launches, three of them the mask of skipped 
 the largest ``ρ²`` so far and the latest (squares: no root on the device).
 
 A step is decided on the device (:mod:`lora_optim.engine`): a matrix that skips the step (a
-NaN/Inf of its own, a ``GradScaler``'s ``found_inf``) records ``ρ = 0`` for it, masked with its
-``taken`` flag by ``torch.where`` on the device: a matrix that skips a step records nothing (its
+NaN/Inf of its own, a ``GradScaler``'s ``found_inf``) is masked with its ``taken`` flag by
+``torch.where`` on the device: a matrix that skips a step records nothing (its
 guard values stay exactly as they were, as all of its state does), and a NaN in its factors never
 reaches the guard.
+
+On row-sharded weights (FSDP2's ``fully_shard``) each rank guards its own rows: its reference
+is that of its rows of ``W₀`` and its ``ρ`` that of its rows of the step, so the guard's values
+(not the training) differ between ranks, and a rank warns for its own rows; guarding the
+whole weight would need an all-reduce of the norms per step.
 
 **No host sync in any step.** :class:`~lora_optim.LoRAAdam` checks after steps 1, 2, 4, 8, …,
 512 and then every 512 steps (eleven checks in the first 1000 steps), without waiting for the
