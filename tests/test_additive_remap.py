@@ -214,46 +214,38 @@ def test_a_loaded_copy_does_not_share_the_maps_with_the_original():
     assert twin.state[twin_model[0].weight]["draws"] == opt.state[model[0].weight]["draws"] == 4
 
 
-def test_a_skipped_step_does_not_advance_the_maps():
-    """A NaN gradient skips the step (``nonfinite="skip"``): no redraw is committed, and the run then
-    equals one without the bad step."""
+def _assert_a_skipped_step_changes_nothing(remap_every: int, steps_before: int, age: int, steps_after: int) -> None:
+    """Train ``steps_before`` steps, then (in the second run) skip one step for a NaN gradient,
+    check the maps' counters did not move (``draws`` 1, ``age`` as given), train ``steps_after``
+    more: the two runs end bit-identical."""
     runs = []
     for bad in (False, True):
         model, x, y = _model()
-        opt = LoRAAdam(model.parameters(), rank=3, projection="additive", lr=0.02, remap_every=2)
-        _train(model, opt, x, y, 2)  # the next step is due to redraw
+        opt = LoRAAdam(model.parameters(), rank=3, projection="additive", lr=0.02, remap_every=remap_every)
+        _train(model, opt, x, y, steps_before)
         if bad:
             for p in model.parameters():
                 p.grad = torch.full_like(p, float("nan"))
             with pytest.warns(NonFiniteGradientWarning, match="skipped a step"):
                 opt.step()
             opt.zero_grad()
-            assert opt.state[model[0].weight]["draws"] == 1 and opt.state[model[0].weight]["age"] == 2
-        _train(model, opt, x, y, 3)
+            assert opt.state[model[0].weight]["draws"] == 1 and opt.state[model[0].weight]["age"] == age
+        _train(model, opt, x, y, steps_after)
         runs.append([p.detach().clone() for p in model.parameters()])
     for a, b in zip(*runs):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_a_skipped_step_does_not_advance_the_maps():
+    """A NaN gradient skips the step (``nonfinite="skip"``): no redraw is committed, and the run then
+    equals one without the bad step."""
+    _assert_a_skipped_step_changes_nothing(remap_every=2, steps_before=2, age=2, steps_after=3)  # a redraw was due
 
 
 def test_a_skipped_step_between_redraws_does_not_count_toward_the_next():
     """With redrawn maps the step is decided on the host (``host_decides``), so a skipped step that is
     not a redraw leaves ``age`` as it was too: the run equals one without the bad step."""
-    runs = []
-    for bad in (False, True):
-        model, x, y = _model()
-        opt = LoRAAdam(model.parameters(), rank=3, projection="additive", lr=0.02, remap_every=3)
-        _train(model, opt, x, y, 1)
-        if bad:
-            for p in model.parameters():
-                p.grad = torch.full_like(p, float("nan"))
-            with pytest.warns(NonFiniteGradientWarning, match="skipped a step"):
-                opt.step()
-            opt.zero_grad()
-            assert opt.state[model[0].weight]["draws"] == 1 and opt.state[model[0].weight]["age"] == 1
-        _train(model, opt, x, y, 5)
-        runs.append([p.detach().clone() for p in model.parameters()])
-    for a, b in zip(*runs):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    _assert_a_skipped_step_changes_nothing(remap_every=3, steps_before=1, age=1, steps_after=5)
 
 
 def test_default_additive_decides_on_the_device_and_remapped_on_the_host():
